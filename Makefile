@@ -1,0 +1,33 @@
+# The two README commands: `make demo` (the main job on the built-in sample data) and
+# `make test`. Each sets up everything it needs on a fresh machine: a virtual environment in
+# .venv with the project and its dependencies installed.
+#
+# TORCH picks the torch build. The default pin takes the CPU wheel where one is on disk (CI);
+# a GPU user can keep their own: `make test TORCH=torch` or TORCH="" to skip installing it.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+PY := $(VENV)/bin/python
+DEMO ?= demo
+
+.PHONY: demo test install clean-demo
+
+$(VENV)/.installed: pyproject.toml
+	@echo "== setting up $(VENV) (first run only)"
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(if $(TORCH),$(PY) -m pip install --quiet "$(TORCH)")
+	$(PY) -m pip install --quiet -e '.[all]'
+	@touch $@
+
+install: $(VENV)/.installed
+
+test: $(VENV)/.installed
+	$(PY) -m pytest
+
+demo: $(VENV)/.installed
+	$(PY) -m pipeline.sample --out $(DEMO)/raw
+	$(PY) -m pipeline.shard --src $(DEMO)/raw --out $(DEMO)/shards --shard-size 64
+
+clean-demo:
+	rm -rf $(DEMO)
