@@ -1,0 +1,3 @@
+from pipeline.shard import main
+
+raise SystemExit(main())

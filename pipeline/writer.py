@@ -1,0 +1,143 @@
+"""Write one shard: the unit of work a worker process (or a Ray task) does.
+
+Crash safety: the tar and its .idx are written under temporary names and renamed into place;
+a small completion record (in OUT/.state/) is renamed into place last. A shard counts as done
+only when its record exists and matches both the plan and the files on disk, so `kill -9` at
+any moment leaves either a finished shard or one that the next run writes again, to the
+same bytes, because every step is deterministic.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from pipeline.preprocess import ImageError, encode_jpeg, prepare_image
+from pipeline.stats import PixelMoments
+from pipeline.wds import ShardTarWriter, index_path_for, write_index_with_dali
+
+STATE_DIR = ".state"
+
+
+@dataclass(frozen=True)
+class Sample:
+    relpath: str
+    key: str
+    label: int
+    wnid: str
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """Everything needed to write one shard; small and picklable."""
+
+    split: str
+    index: int
+    samples: tuple[Sample, ...]
+    src_root: str
+    out_dir: str
+    image_size: int
+    jpeg_quality: int
+    max_pixels: int
+    with_stats: bool
+
+    @property
+    def name(self) -> str:
+        return f"imagenet-{self.split}-{self.index:06d}"
+
+    @property
+    def tar_path(self) -> Path:
+        return Path(self.out_dir) / self.split / f"{self.name}.tar"
+
+    @property
+    def record_path(self) -> Path:
+        return Path(self.out_dir) / STATE_DIR / self.split / f"{self.name}.json"
+
+    def fingerprint(self) -> str:
+        """Identity of the shard's content: changes if any input or setting that shapes its
+        bytes changes (not the folders, so a moved source or output stays valid)."""
+        doc = {k: v for k, v in asdict(self).items() if k not in ("src_root", "out_dir")}
+        return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write then rename: a reader never sees a half-written file under `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_done_record(spec: ShardSpec) -> dict | None:
+    """The completion record, if this shard is finished and its files are intact."""
+    try:
+        record = json.loads(spec.record_path.read_text())
+    except (OSError, ValueError):
+        return None
+    if record.get("fingerprint") != spec.fingerprint():
+        return None
+    if record["num_samples"] == 0:
+        return record
+    tar = spec.tar_path
+    if not (tar.is_file() and tar.stat().st_size == record["bytes"] and index_path_for(tar).is_file()):
+        return None
+    return record
+
+
+def _read_source(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def write_shard(spec: ShardSpec) -> dict:
+    """Write (or find already written) one shard; returns its completion record."""
+    done = read_done_record(spec)
+    if done is not None:
+        return dict(done, resumed=True)
+
+    spec.tar_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp_tar = spec.tar_path.with_name(f".{spec.tar_path.name}.{os.getpid()}.tmp")
+    writer = ShardTarWriter(tmp_tar)
+    moments = PixelMoments()
+    skipped = []
+    for sample in spec.samples:
+        try:
+            prepared = prepare_image(_read_source(Path(spec.src_root) / sample.relpath),
+                                     size=spec.image_size, max_pixels=spec.max_pixels)
+        except ImageError as exc:
+            skipped.append({"path": sample.relpath, "reason": exc.reason})
+            continue
+        except OSError as exc:  # unreadable file (permissions, I/O error): skip, report
+            skipped.append({"path": sample.relpath, "reason": f"cannot read file: {exc.strerror or exc}"})
+            continue
+        meta = json.dumps({"wnid": sample.wnid, "src": sample.relpath}, sort_keys=True)
+        writer.add(sample.key, {
+            "jpg": encode_jpeg(prepared.pixels, spec.jpeg_quality),
+            "cls": str(sample.label).encode("ascii"),
+            "json": meta.encode("utf-8"),
+        })
+        if spec.with_stats:
+            moments.add_image(prepared.pixels)
+    nbytes, sha256 = writer.close()
+
+    record = {"fingerprint": spec.fingerprint(), "split": spec.split, "name": spec.name,
+              "num_samples": writer.num_samples, "bytes": 0, "sha256": None, "skipped": skipped,
+              "moments": moments.to_json() if spec.with_stats else None}
+    if writer.num_samples == 0:  # every file in it was bad: no shard at all, never an empty tar
+        tmp_tar.unlink()
+    else:
+        idx = index_path_for(spec.tar_path)
+        tmp_idx = idx.with_name(f".{idx.name}.{os.getpid()}.tmp")
+        if not write_index_with_dali(tmp_tar, tmp_idx):
+            tmp_idx.write_text(writer.index_text())
+        os.replace(tmp_tar, spec.tar_path)
+        os.replace(tmp_idx, idx)
+        record.update(bytes=nbytes, sha256=sha256)
+    write_atomic(spec.record_path, json.dumps(record, sort_keys=True).encode())
+    return dict(record, resumed=False)
