@@ -31,3 +31,26 @@ def shard_set(sample_root, tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("shards") / "out"
     manifest = run(shard_config(sample_root, out))
     return out, manifest
+
+
+def _cuda_devices() -> int:
+    try:
+        import torch
+    except ImportError:
+        return 0
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` need CUDA: skipped (never faked) where there is none.
+    `@pytest.mark.gpu(2)` asks for two devices."""
+    available = None
+    for item in items:
+        marker = item.get_closest_marker("gpu")
+        if marker is None:
+            continue
+        if available is None:
+            available = _cuda_devices()
+        needed = marker.args[0] if marker.args else 1
+        if available < needed:
+            item.add_marker(pytest.mark.skip(reason=f"needs {needed} CUDA device(s), found {available}"))
