@@ -1,6 +1,6 @@
 """Sharder speed on real photographs, against a naive baseline and the decode floor, in one run.
 
-    python benchmarks/shard.py [--photos ../shared/photos] [--repeat 5]
+    python -m benchmarks.shard [--photos ../shared/photos] [--repeat 5]
 
 Per size class (ImageNet-size ~500x375, made from the photos; and the photos themselves,
 >= 1000 px a side), per image, single process:

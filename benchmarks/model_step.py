@@ -1,0 +1,134 @@
+"""Training-step throughput of the two-column AlexNet against the same network written as one
+module with grouped convolutions (same FLOPs, same function), in the same run.
+
+    python -m benchmarks.model_step                       # CPU, both models, prints JSON
+    python -m benchmarks.model_step --device cuda         # GPU: bf16 autocast + channels_last
+    python -m benchmarks.model_step --device cuda --compile --batch-sizes 128 256 512
+
+A step is forward + cross-entropy + backward + SGD(momentum 0.9, wd 5e-4) update on a fixed
+synthetic batch (no data loading: this measures the model). The two models are measured in
+alternating rounds so that drift in the machine's speed hits both alike; the figure is the
+median round. Target on CPU: columns/grouped >= 0.95 (the column split costs almost nothing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.grouped_alexnet import GroupedAlexNet
+from trainer.model import AlexNet, AlexNetConfig
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def make_step(model: torch.nn.Module, device: torch.device, amp: bool):
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9, weight_decay=5e-4)
+    dtype = torch.bfloat16
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+        """One training step; returns (forward s, backward+update s)."""
+        t0 = time.perf_counter()
+        with torch.autocast(device.type, dtype=dtype, enabled=amp):
+            loss = F.cross_entropy(model(x), y)
+        _sync(device)
+        t1 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        _sync(device)
+        return t1 - t0, time.perf_counter() - t1
+
+    return step
+
+
+def build(kind: str, device: torch.device, channels_last: bool, compile_: bool) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = AlexNet(AlexNetConfig(), devices=(device, device)) if kind == "columns" else GroupedAlexNet().to(device)
+    model.train()
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return torch.compile(model) if compile_ else model
+
+
+def measure(kinds: list[str], device: torch.device, batch: int, steps: int, rounds: int, warmup: int,
+            amp: bool, channels_last: bool, compile_: bool) -> dict:
+    x = torch.randn(batch, 3, 227, 227, device=device) * 60
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    y = torch.randint(0, 1000, (batch,), device=device)
+    models = {k: build(k, device, channels_last, compile_) for k in kinds}
+    steps_fn = {k: make_step(m, device, amp) for k, m in models.items()}
+    for k in kinds:
+        for _ in range(warmup):
+            steps_fn[k](x, y)
+    per_round: dict[str, list[tuple[float, float]]] = {k: [] for k in kinds}
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    for _ in range(rounds):
+        for k in kinds:  # alternate, so machine drift hits both models alike
+            times = [steps_fn[k](x, y) for _ in range(steps)]
+            per_round[k].append((sum(t[0] for t in times) / steps, sum(t[1] for t in times) / steps))
+    out = {}
+    for k in kinds:
+        total = statistics.median(f + b for f, b in per_round[k])
+        out[k] = {"img_per_s": round(batch / total, 1),
+                  "forward_ms": round(statistics.median(f for f, _ in per_round[k]) * 1e3, 2),
+                  "backward_update_ms": round(statistics.median(b for _, b in per_round[k]) * 1e3, 2)}
+    if device.type == "cuda":
+        out["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+    if len(kinds) == 2:
+        out["columns_over_grouped"] = round(out["columns"]["img_per_s"] / out["grouped"]["img_per_s"], 3)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=None,
+                   help="default: 32 on cpu, 128 256 512 on cuda")
+    p.add_argument("--steps", type=int, default=None, help="steps per round (default 2 cpu, 20 cuda)")
+    p.add_argument("--rounds", type=int, default=None, help="alternating rounds (default 5)")
+    p.add_argument("--warmup", type=int, default=None)
+    p.add_argument("--compile", action="store_true", help="torch.compile both models")
+    p.add_argument("--no-amp", action="store_true", help="cuda: fp32 instead of bf16 autocast")
+    p.add_argument("--no-channels-last", action="store_true")
+    p.add_argument("--only", choices=["columns", "grouped"], default=None, help="measure one model only")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    a = p.parse_args(argv)
+    device = torch.device(a.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device here")
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    cuda = device.type == "cuda"
+    batch_sizes = a.batch_sizes or ([128, 256, 512] if cuda else [32])
+    steps, rounds = a.steps or (20 if cuda else 2), a.rounds or 5
+    warmup = a.warmup if a.warmup is not None else (5 if cuda else 1)
+    amp = cuda and not a.no_amp
+    channels_last = cuda and not a.no_channels_last
+    kinds = [a.only] if a.only else ["columns", "grouped"]
+    result = {
+        "benchmark": "model_step",
+        "device": torch.cuda.get_device_name(device) if cuda else f"cpu ({platform.machine()}, "
+                                                                   f"{torch.get_num_threads()} threads)",
+        "torch": torch.__version__, "bf16_autocast": amp, "channels_last": channels_last, "compile": a.compile,
+        "steps_per_round": steps, "rounds": rounds,
+        "by_batch": {str(b): measure(kinds, device, b, steps, rounds, warmup, amp, channels_last, a.compile)
+                     for b in batch_sizes},
+    }
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
