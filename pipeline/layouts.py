@@ -196,7 +196,12 @@ def detect(src: Path | str) -> SourceSet:
 
     mapping = _find(src, KAGGLE_SYNSET_MAPPING)
     names, names_source = (read_synset_mapping(mapping), KAGGLE_SYNSET_MAPPING) if mapping else (bundled_names(), "bundled")
-    # Classes are the wnids of the training set (plus any seen only in val): sorted -> index.
+    # Classes are the class folders (as torchvision's ImageFolder: an empty folder still
+    # holds its index, so one missing class cannot shift every other label) plus any wnid
+    # seen only in val labels; sorted -> index.
     wnids = {f.wnid for split_files in files.values() for f in split_files}
+    for split in ("train", "val"):
+        if layouts.get(split) == "folders":
+            wnids.update(_visible_dirs(image_root / split))
     return SourceSet(root=src, layouts=layouts, files=files, unlabelled=unlabelled,
                      classes=build_classes(wnids, names), names_source=names_source)

@@ -110,3 +110,15 @@ def test_bundled_names_cover_the_1000_classes():
     assert len(names) == 1000
     assert names["n01440764"].startswith("tench") and names["n15075141"].startswith("toilet tissue")
     assert list(names) == sorted(names)
+
+
+def test_an_empty_class_folder_keeps_its_index(trees, tmp_path):
+    root = tmp_path / "gap"
+    shutil.copytree(trees["folders"], root)
+    emptied = sorted((root / "train").iterdir())[3]
+    for split in ("train", "val"):
+        for f in (root / split / emptied.name).iterdir():
+            f.unlink()
+    src = detect(root)
+    assert [c.wnid for c in src.classes] == sorted(w for w, _ in CLASSES)  # still all ten, same indices
+    assert emptied.name not in {f.wnid for f in src.files["train"]}
