@@ -1,0 +1,226 @@
+"""The DALI input pipeline on CPU, reading real shards written by pipeline.shard."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import simplejpeg
+import torch
+from PIL import Image
+
+pytest.importorskip("nvidia.dali")
+
+from pipeline.transforms import Lighting, Normalization, eval_crops  # noqa: E402
+from pipeline.shard import run  # noqa: E402
+from tests.conftest import shard_config  # noqa: E402
+from tests.pipeline.test_shard import read_tar  # noqa: E402
+from trainer.data import DaliLoader, DataConfig, ShardSetError, open_shard_set  # noqa: E402
+
+BATCH = 16
+
+
+def truth(out: Path, manifest: dict, split: str) -> dict[str, tuple[int, np.ndarray]]:
+    """key -> (label, decoded 256x256 image), read straight from the tars."""
+    samples = {}
+    for shard in manifest["splits"][split]["shards"]:
+        members = dict(read_tar(out / shard["tar"]))
+        for name, data in members.items():
+            if name.endswith(".jpg"):
+                key = name[:-4]
+                samples[key] = (int(members[key + ".cls"]), simplejpeg.decode_jpeg(data, colorspace="RGB"))
+    return samples
+
+
+@pytest.fixture(scope="module")
+def shards(shard_set):
+    out, manifest = shard_set
+    return open_shard_set(out, 227), {s: truth(out, manifest, s) for s in ("train", "val")}
+
+
+def epoch(loader: DaliLoader) -> list[tuple[torch.Tensor, torch.Tensor, list[str]]]:
+    return list(loader)
+
+
+def test_shapes_dtypes_and_labels_match_the_shards(shards):
+    shard_set, expected = shards
+    loader = DaliLoader(shard_set, "train", DataConfig(mode="train", batch_size=BATCH, with_keys=True))
+    batches = epoch(loader)
+    images, labels, keys = batches[0]
+    assert images.shape == (BATCH, 3, 227, 227) and images.dtype == torch.float32
+    assert labels.shape == (BATCH,) and labels.dtype == torch.int64
+    assert images.device.type == "cpu"
+    for _, labels, keys in batches:
+        assert labels.tolist() == [expected["train"][k][0] for k in keys]
+    assert sum(len(b[2]) for b in batches) == shard_set.num_samples("train") == 297
+    assert len(loader) == len(batches) == 19
+    assert loader.wait_s > 0 and loader.batches == 19
+
+
+def test_exact_epochs_across_two_workers(shards):
+    shard_set, expected = shards
+    loaders = [DaliLoader(shard_set, "train", DataConfig(mode="train", batch_size=BATCH, shard_id=i, num_shards=2,
+                                                         with_keys=True)) for i in range(2)]
+    for _ in range(2):  # two epochs: shard assignment rotates, coverage stays exact
+        seen = [[k for _, _, keys in epoch(ld) for k in keys] for ld in loaders]
+        assert not set(seen[0]) & set(seen[1])
+        assert len(seen[0]) == len(set(seen[0])) and len(seen[1]) == len(set(seen[1]))
+        assert sorted(seen[0] + seen[1]) == sorted(expected["train"])
+        assert sorted(len(s) for s in seen) == [148, 149]
+
+
+def locate(patch_chw: np.ndarray, image: np.ndarray, norm: Normalization) -> tuple[int, int, bool] | None:
+    """Find (top, left, mirrored) of a train crop (lighting off) inside its 256x256 source."""
+    crop = patch_chw.shape[1]
+    target = patch_chw.transpose(1, 2, 0) + np.asarray(norm.mean, dtype=np.float32)
+    for mirrored in (False, True):
+        src = image[:, ::-1] if mirrored else image
+        for top in range(image.shape[0] - crop + 1):
+            for left in range(image.shape[1] - crop + 1):
+                if abs(float(src[top, left, 0]) - target[0, 0, 0]) > 0.01:
+                    continue
+                if np.allclose(src[top:top + crop, left:left + crop], target, atol=0.01):
+                    return top, (image.shape[1] - crop - left) if mirrored else left, mirrored
+    return None
+
+
+def test_random_crop_and_mirror_differ_across_epochs(shards):
+    shard_set, expected = shards
+    cfg = DataConfig(mode="train", batch_size=BATCH, lighting_alpha_std=0.0, with_keys=True)
+    loader = DaliLoader(shard_set, "train", cfg)
+    norm = shard_set.normalization()
+    where: dict[str, list] = {}
+    for _ in range(2):
+        images, _, keys = next(iter(loader))
+        for img, key in zip(images.numpy(), keys):
+            found = locate(img, expected["train"][key][1], norm)
+            assert found is not None, f"train patch of {key} is not a crop of its image"
+            where.setdefault(key, []).append(found)
+        for _ in loader:  # finish the epoch
+            pass
+    positions = [p for ps in where.values() for p in ps]
+    assert len({(t, l) for t, l, _ in positions}) > len(positions) // 2  # crops spread out
+    mirrored = sum(m for _, _, m in positions)
+    assert 0.2 * len(positions) < mirrored < 0.8 * len(positions)
+    twice = [ps for ps in where.values() if len(ps) == 2]
+    assert twice and all(a != b for a, b in twice)  # the same image, augmented anew each epoch
+
+
+@pytest.mark.parametrize("mode", ["center", "ten_crop"])
+def test_eval_crops_equal_the_numpy_definition_serving_uses(shards, mode):
+    shard_set, expected = shards
+    loader = DaliLoader(shard_set, "val", DataConfig(mode=mode, batch_size=BATCH, with_keys=True))
+    norm = shard_set.normalization()
+    images, labels, keys = next(iter(loader))
+    want_shape = (BATCH, 10, 3, 227, 227) if mode == "ten_crop" else (BATCH, 3, 227, 227)
+    assert images.shape == want_shape
+    for img, key in zip(images.numpy(), keys):
+        ref = eval_crops(expected["val"][key][1], 227, norm, ten_crop=(mode == "ten_crop"))
+        np.testing.assert_allclose(img, ref if mode == "ten_crop" else ref[0], atol=1e-4)
+
+
+def test_ten_crop_geometry_is_the_papers():
+    from pipeline.transforms import ten_crop_boxes
+
+    boxes = ten_crop_boxes(256, 227)
+    assert boxes[0::2] == [(0, 0, False), (0, 29, False), (29, 0, False), (29, 29, False), (15, 15, False)]
+    assert [m for _, _, m in boxes] == [False, True] * 5
+
+
+@pytest.fixture(scope="module")
+def flat_shards(tmp_path_factory):
+    """Flat-colour images: any crop or mirror of one is the same colour, so the train output
+    minus the centre output is exactly the lighting shift that image got."""
+    root = tmp_path_factory.mktemp("flat")
+    rng = np.random.RandomState(0)
+    for c in range(2):
+        folder = root / "raw" / "train" / f"n0000000{c}"
+        folder.mkdir(parents=True)
+        for i in range(32):
+            colour = tuple(int(v) for v in rng.randint(40, 216, size=3))
+            Image.new("RGB", (300, 260), colour).save(folder / f"flat_{c}_{i}.png")
+    run(shard_config(root / "raw", root / "shards", workers=1))
+    return open_shard_set(root / "shards", 227)
+
+
+def test_pca_lighting_has_the_covariance_the_eigendecomposition_implies(flat_shards):
+    centre = {}
+    cfg_eval = DataConfig(mode="center", batch_size=BATCH, with_keys=True)
+    for images, _, keys in DaliLoader(flat_shards, "train", cfg_eval):
+        centre.update({k: img.mean(dim=(1, 2)).numpy() for img, k in zip(images, keys)})
+    train = DaliLoader(flat_shards, "train", DataConfig(mode="train", batch_size=BATCH, with_keys=True))
+    shifts = []
+    for _ in range(12):
+        for images, _, keys in train:
+            per_pixel = images.numpy().reshape(len(keys), 3, -1)
+            assert per_pixel.std(axis=2).max() < 1e-3  # one shift for the whole image
+            shifts += [img.mean(axis=1) - centre[k] for img, k in zip(per_pixel, keys)]
+    shifts = np.array(shifts, dtype=np.float64)
+    lighting = Lighting.from_stats(flat_shards.stats)
+    assert len(shifts) == 12 * 64
+    p = np.asarray(lighting.eigenvectors)
+    # In the eigenbasis the shift's components are independent with std 0.1 * w_k.
+    proj = shifts @ p.T
+    expected_std = 0.1 * lighting.shift_weights()
+    np.testing.assert_allclose(proj.std(axis=0), expected_std, rtol=0.12)
+    assert np.abs(proj.mean(axis=0)).max() < 0.2 * expected_std.max()
+    corr = np.corrcoef(proj.T)
+    assert np.abs(corr[np.triu_indices(3, 1)]).max() < 0.15
+    np.testing.assert_allclose(np.cov(shifts.T), lighting.shift_covariance(),
+                               atol=0.25 * lighting.shift_covariance().max())
+
+
+def test_bfloat16_and_float16_outputs(shards):
+    shard_set, _ = shards
+    for dtype, torch_dtype in (("float16", torch.float16), ("bfloat16", torch.bfloat16)):
+        images, _ = next(iter(DaliLoader(shard_set, "val", DataConfig(mode="center", batch_size=4, dtype=dtype))))
+        assert images.dtype == torch_dtype
+
+
+def test_clear_errors_for_unusable_shard_sets(shard_set, tmp_path):
+    out, _ = shard_set
+    with pytest.raises(ShardSetError, match="does not exist"):
+        open_shard_set(tmp_path / "nothing")
+    incomplete = tmp_path / "incomplete"
+    incomplete.mkdir()
+    (incomplete / "train").mkdir()
+    with pytest.raises(ShardSetError, match="incomplete: no manifest.json"):
+        open_shard_set(incomplete)
+    with pytest.raises(ShardSetError, match="does not fit"):
+        open_shard_set(out, input_size=299)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    manifest = json.loads((out / "manifest.json").read_text())
+    (broken / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ShardSetError, match="is missing"):
+        open_shard_set(broken)
+
+
+@pytest.mark.gpu
+def test_mixed_decoding_on_the_gpu(shards):
+    shard_set, _ = shards
+    images, labels = next(iter(DaliLoader(shard_set, "val", DataConfig(mode="center", batch_size=8, device="gpu"))))
+    assert images.is_cuda and labels.is_cuda and images.shape == (8, 3, 227, 227)
+
+
+def test_label_parsing_handles_multi_digit_indices(tmp_path):
+    """Class indices with 1..4 digits (ImageNet's 0..999) parse exactly inside the pipeline."""
+    root = tmp_path / "raw" / "train"
+    wnids = [f"n{i:08d}" for i in range(1200)]
+    picked = [0, 7, 42, 999, 1000, 1199]
+    for i in range(1200):
+        (root / wnids[i]).mkdir(parents=True)
+    for i in picked:
+        Image.new("RGB", (256, 256), (i % 256, 0, 0)).save(root / wnids[i] / f"img{i}.png")
+    run(shard_config(tmp_path / "raw", tmp_path / "shards", workers=1))
+    ss = open_shard_set(tmp_path / "shards", 227)
+    got = Counter()
+    for _, labels, keys in DaliLoader(ss, "train", DataConfig(mode="center", batch_size=4, with_keys=True)):
+        for label, key in zip(labels.tolist(), keys):
+            assert key == f"img{label}"
+            got[label] += 1
+    assert sorted(got) == picked
