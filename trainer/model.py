@@ -23,6 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 
 
+INITS = ("paper", "kaiming")
+
+
 @dataclass(frozen=True)
 class AlexNetConfig:
     """Architecture arguments: what a checkpoint stores and serving rebuilds the model from.
@@ -33,6 +36,10 @@ class AlexNetConfig:
       size in that net, so the two nets have about the same number of parameters.
     - lrn=False: no local response normalisation (3.3: +1.4%/+1.2%).
     - pool_kernel=2: non-overlapping 2/2 pooling instead of 3/2 (3.4: +0.4%/+0.3%).
+
+    init: "paper" (section 5, the default) or "kaiming" (He et al. 2015: N(0, 2/fan_in),
+    biases 0, fc8 N(0, 0.01)). The paper's initialisation needs many epochs to leave chance
+    level on a small dataset; the CPU sample preset uses "kaiming" (see trainer/config.py).
     """
 
     num_classes: int = 1000
@@ -47,8 +54,11 @@ class AlexNetConfig:
     lrn_alpha: float = 1e-4
     lrn_beta: float = 0.75
     lrn_k: float = 2.0
+    init: str = "paper"
 
     def __post_init__(self):
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {INITS}")
         if self.columns not in (1, 2):
             raise ValueError("columns must be 2 (the paper's layout) or 1 (its one-GPU ablation)")
         if self.num_classes < 2:
@@ -154,12 +164,21 @@ class Column(nn.Module):
         return torch.flatten(x, 1)
 
 
-def _init_paper(module: nn.Module) -> None:
-    """Section 5: weights ~ N(0, 0.01); biases 1 in conv2, conv4, conv5, fc6, fc7, else 0."""
+def _init_weights(module: nn.Module, scheme: str) -> None:
+    """paper (section 5): weights ~ N(0, 0.01); biases 1 in conv2, conv4, conv5, fc6, fc7,
+    else 0. kaiming: N(0, 2/fan_in) for the ReLU layers, N(0, 0.01) for fc8, biases 0."""
     for name, layer in module.named_children():
-        if isinstance(layer, (nn.Conv2d, nn.Linear)):
+        if not isinstance(layer, (nn.Conv2d, nn.Linear)):
+            continue
+        if scheme == "paper":
             nn.init.normal_(layer.weight, mean=0.0, std=0.01)
             nn.init.constant_(layer.bias, 1.0 if name in ("conv2", "conv4", "conv5", "fc6", "fc7") else 0.0)
+        else:
+            if name == "fc8":
+                nn.init.normal_(layer.weight, mean=0.0, std=0.01)
+            else:
+                nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
+            nn.init.zeros_(layer.bias)
 
 
 class AlexNet(nn.Module):
@@ -179,7 +198,7 @@ class AlexNet(nn.Module):
         self.devices = tuple(torch.device(d) for d in devices)
         self.columns = nn.ModuleList(Column(cfg, w, total, d) for w, d in zip(widths, self.devices))
         for column in self.columns:
-            _init_paper(column)
+            _init_weights(column, cfg.init)
 
     @property
     def output_device(self) -> torch.device:

@@ -94,6 +94,17 @@ def test_init_statistics_per_section_5(model):
             assert torch.all(layer.bias == expected_bias), name
 
 
+def test_kaiming_init_option():
+    model = AlexNet(AlexNetConfig(init="kaiming"))
+    c = model.columns[0]
+    assert torch.all(c.fc6.bias == 0) and torch.all(c.conv2.bias == 0)
+    fan_in = c.conv3.weight[0].numel()
+    assert abs(c.conv3.weight.std().item() - (2 / fan_in) ** 0.5) < 0.05 * (2 / fan_in) ** 0.5
+    assert abs(c.fc8.weight.std().item() - 0.01) < 5e-4
+    with pytest.raises(ValueError):
+        AlexNetConfig(init="xavier")
+
+
 def test_columns_talk_only_at_conv3_and_the_fc_layers():
     model = AlexNet().train()
     outs = {}
