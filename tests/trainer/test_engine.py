@@ -1,0 +1,72 @@
+"""train_one_epoch / evaluate: the metrics they count, and the 10-crop softmax average."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from trainer.engine import Tally, evaluate, train_one_epoch
+
+
+def test_tally_counts_top1_and_top5():
+    logits = torch.tensor([[9.0, 1, 2, 3, 4, 5, 6],    # label 0: top-1 hit
+                           [0.0, 9, 8, 7, 6, 5, 1],    # label 5: in top-5 (9,8,7,6,5)
+                           [0.0, 9, 8, 7, 6, 5, 4]])   # label 6: outside top-5
+    t = Tally()
+    t.add(logits, torch.tensor([0, 5, 6]), torch.tensor(3.0))
+    m = t.metrics("val")
+    assert (t.top1, t.top5, t.count) == (1, 2, 3)
+    assert abs(m["val_top1_error"] - 2 / 3) < 1e-9 and abs(m["val_top5_error"] - 1 / 3) < 1e-9
+    assert m["val_loss"] == 1.0
+
+
+class Linear(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(3 * 4 * 4, 3)
+
+    def forward(self, x):
+        return self.fc(x.flatten(1))
+
+
+def test_ten_crop_evaluation_averages_softmax_over_crops():
+    torch.manual_seed(0)
+    model = Linear()
+    images = torch.randn(2, 10, 3, 4, 4)
+    labels = torch.tensor([0, 2])
+    tally = evaluate(model, [(images, labels)])
+    with torch.no_grad():
+        probs = model(images.flatten(0, 1)).softmax(1).view(2, 10, 3).mean(1)
+    expected_top1 = int((probs.argmax(1) == labels).sum())
+    assert tally.top1 == expected_top1 and tally.count == 2
+    assert abs(tally.loss_sum - float(F.nll_loss(probs.log(), labels, reduction="sum"))) < 1e-5
+
+
+def test_train_one_epoch_learns_and_times_the_data_wait():
+    torch.manual_seed(0)
+    model = Linear()
+    x = torch.randn(64, 3, 4, 4)
+    y = (x.flatten(1)[:, 0] > 0).long()
+    batches = [(x[i:i + 16], y[i:i + 16]) for i in range(0, 64, 16)]
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    first = train_one_epoch(model, batches, opt)
+    for _ in range(20):
+        last = train_one_epoch(model, batches, opt)
+    assert first.count == last.count == 64
+    assert last.metrics("train")["train_loss"] < first.metrics("train")["train_loss"]
+    assert last.top1 > first.top1
+
+
+def test_latest_checkpoint_is_the_newest_registered_one(tmp_path):
+    import json
+
+    from trainer.runfolder import RAY_CHECKPOINT_INDEX, latest_checkpoint
+
+    for name in ("checkpoint_a", "checkpoint_b", "checkpoint_c"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.safetensors").write_bytes(b"x")
+        (tmp_path / name / "model.json").write_text("{}")
+    assert latest_checkpoint(tmp_path) is None  # nothing registered yet: nothing trusted
+    index = {"checkpoint_results": [{"checkpoint_dir_name": "checkpoint_a"}, {"checkpoint_dir_name": "checkpoint_b"}]}
+    (tmp_path / RAY_CHECKPOINT_INDEX).write_text(json.dumps(index))
+    assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint_b"  # c exists but is not registered
