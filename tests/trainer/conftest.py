@@ -1,0 +1,76 @@
+"""A real Ray cluster for the training tests: `ray start --head` on free loopback ports,
+shared by the whole test session (a 2-worker fit costs ~20 s of start-up and ~2 GB), and
+stopped by its own process group, never with `ray stop` (which kills every Ray on the host)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+VENV_BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ray_env() -> dict:
+    env = dict(os.environ)
+    env.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
+               PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}")
+    return env
+
+
+@dataclass
+class RayCluster:
+    gcs_address: str
+    dashboard_url: str
+    env: dict
+
+    def ray(self, *args: str, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
+        return subprocess.run([str(VENV_BIN / "ray"), *args], env=self.env, capture_output=True, text=True,
+                              timeout=timeout, check=check)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory):
+    pytest.importorskip("ray")
+    gcs_port, dash_port, client_port = free_port(), free_port(), free_port()
+    env = ray_env()
+    log = tmp_path_factory.mktemp("ray") / "ray-start.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [str(VENV_BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+             f"--port={gcs_port}", f"--dashboard-port={dash_port}", "--dashboard-host=127.0.0.1",
+             f"--ray-client-server-port={client_port}", "--num-cpus=2", "--num-gpus=0",
+             "--include-dashboard=true", "--disable-usage-stats"],
+            env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    cluster = RayCluster(gcs_address=f"127.0.0.1:{gcs_port}", dashboard_url=f"http://127.0.0.1:{dash_port}", env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while True:  # ready when the job API answers
+            if proc.poll() is not None:
+                raise RuntimeError(f"ray start exited: {log.read_text()[-2000:]}")
+            r = cluster.ray("job", "list", "--address", cluster.dashboard_url, timeout=60, check=False)
+            if r.returncode == 0:
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"Ray did not come up: {r.stderr[-2000:]}")
+            time.sleep(2)
+        yield cluster
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=60)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            os.killpg(proc.pid, signal.SIGKILL)

@@ -1,0 +1,139 @@
+"""Training with real Ray on the CPU on the sample shards: `python -m trainer.run`, directly
+and through `ray job submit`, with fault tolerance and resumption."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from trainer.checkpoint import load_model, read_meta
+from trainer.runfolder import latest_checkpoint
+
+REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow
+
+
+def train_cmd(data: Path, storage: Path, name: str, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "trainer.run", "--data", str(data), "--preset", "sample", "--workers", "2",
+            "--storage-path", str(storage), "--name", name, *extra]
+
+
+def metrics(run: Path) -> list[dict]:
+    path = run / "metrics.jsonl"
+    return [json.loads(x) for x in path.read_text().splitlines()] if path.is_file() else []
+
+
+def wait_for(condition, timeout: float, what: str, proc: subprocess.Popen | None = None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"process ended (rc {proc.returncode}) before {what}")
+        time.sleep(1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_job_submit_stop_and_resubmit_resumes_to_the_same_epoch_count(ray_cluster, shard_set, tmp_path):
+    """ray start --head (the session fixture) + ray job submit + ray job stop + resubmit."""
+    data, _ = shard_set
+    run = tmp_path / "runs" / "jobrun"
+    entry = train_cmd(data, tmp_path / "runs", "jobrun", "--epochs", "3")
+    submit = ["job", "submit", "--address", ray_cluster.dashboard_url]
+    r = ray_cluster.ray(*submit, "--no-wait", "--", *entry)
+    job_id = re.search(r"raysubmit_\w+", r.stdout + r.stderr).group(0)
+    wait_for(lambda: len(metrics(run)) >= 1 and latest_checkpoint(run), 400, "the first epoch's checkpoint")
+    ray_cluster.ray("job", "stop", "--address", ray_cluster.dashboard_url, job_id)  # waits for the exit
+    status = ray_cluster.ray("job", "status", "--address", ray_cluster.dashboard_url, job_id, check=False)
+    assert "stopped" in (status.stdout + status.stderr).lower()
+    done_before = len(metrics(run))
+    assert done_before < 3
+
+    again = ray_cluster.ray(*submit, "--", *entry, check=False)  # blocking this time, same name + storage
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    logs = again.stdout + again.stderr
+    assert re.search(r"resuming from .* after epoch [12]", logs), logs[-3000:]
+
+    rows = metrics(run)
+    assert [r["epoch"] for r in rows] == [1, 2, 3]  # the same epoch count, each epoch once
+    final = rows[-1]
+    # Above chance (10 classes: 90% top-1 error) by a wide margin on the 99 val images.
+    assert final["val_top1_error"] < 0.8, rows
+    assert final["val_images"] == 99 and final["train_images"] == 297
+    assert {"lr", "images_per_s", "data_wait_share", "val_top5_error", "val10crop_top1_error"} <= set(final)
+    config = json.loads((run / "config.json").read_text())
+    assert config["preset"] == "sample" and config["workers"] == 2 and config["epochs"] == 3
+    ckpt = latest_checkpoint(run)
+    assert {p.name for p in ckpt.iterdir()} >= {"model.safetensors", "model.json", "train_state.pt"}
+    assert read_meta(ckpt)["epoch"] == 3
+    png = run / "learning_curves.png"
+    assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_killed_worker_is_replaced_and_training_resumes(ray_cluster, shard_set, tmp_path):
+    data, _ = shard_set
+    run = tmp_path / "runs" / "killed"
+    cmd = train_cmd(data, tmp_path / "runs", "killed", "--epochs", "2", "--no-ten-crop-at-end",
+                    "--address", ray_cluster.gcs_address)
+    log = tmp_path / "train.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=tmp_path, env=ray_cluster.env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: len(metrics(run)) >= 1 and latest_checkpoint(run), 400, "epoch 1", proc)
+        victim = json.loads((run / ".workers" / "rank1.json").read_text())["pid"]
+        os.kill(victim, signal.SIGKILL)
+        assert proc.wait(timeout=600) == 0, log.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = log.read_text()
+    assert "resuming from" in text
+    assert json.loads((run / ".workers" / "rank1.json").read_text())["pid"] != victim  # a new worker
+    assert [r["epoch"] for r in metrics(run)] == [1, 2]
+
+
+def test_the_saved_checkpoint_reloads_with_identical_outputs(tmp_path):
+    from pipeline.transforms import Normalization
+    from trainer.checkpoint import save
+    from trainer.model import AlexNet, AlexNetConfig
+
+    torch.manual_seed(0)
+    model = AlexNet(AlexNetConfig(num_classes=10, init="kaiming")).eval()
+    classes = [{"index": i, "wnid": f"n{i:08d}", "name": f"c{i}"} for i in range(10)]
+    save(tmp_path / "ck", model, classes=classes, normalization=Normalization((1.0, 2.0, 3.0)), epoch=4,
+         metrics={"val_top1_error": 0.5}, train_state={"x": 1})
+    loaded, meta = load_model(tmp_path / "ck")
+    x = torch.randn(3, 3, 227, 227) * 50
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    assert meta["epoch"] == 4 and meta["classes"] == classes and meta["normalization"]["mean"] == [1.0, 2.0, 3.0]
+    assert meta["architecture"]["num_classes"] == 10 and meta["input_size"] == 227
+
+
+def test_setup_errors_are_clear(ray_cluster, shard_set, tmp_path):
+    data, _ = shard_set
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "trainer.run", "--storage-path", str(tmp_path), *args],
+                              cwd=tmp_path, env=ray_cluster.env, capture_output=True, text=True, timeout=300)
+
+    r = run("--data", str(tmp_path / "nope"))
+    assert r.returncode == 2 and "does not exist" in r.stderr
+    r = run("--data", str(data), "--input-size", "299")
+    assert r.returncode == 2 and "does not fit" in r.stderr
+    r = run("--data", str(data), "--workers", "9")
+    assert r.returncode == 2 and "more than the 5 train shard(s)" in r.stderr
+    r = run("--data", str(data), "--workers", "2", "--gpus-per-worker", "2", "--address", ray_cluster.gcs_address)
+    assert r.returncode == 2 and "requested, but the Ray cluster has 0" in r.stderr
+    r = run("--help")
+    assert r.returncode == 0 and "--gpus-per-worker" in r.stdout

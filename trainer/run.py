@@ -1,0 +1,182 @@
+"""`python -m trainer.run --data SHARDS ...`: train the paper's AlexNet with Ray Train.
+
+Launch it directly (starts a local Ray, or joins RAY_ADDRESS / --address), or as a Ray job
+against a running cluster:
+
+    ray job submit --address http://127.0.0.1:8265 -- \\
+        python -m trainer.run --data /data/shards --workers 4 --gpus-per-worker 2
+
+The run folder is STORAGE_PATH/NAME: config.json, metrics.jsonl, Ray's checkpoint folders
+(contract 2) and learning_curves.png. Submitting again with the same --name and
+--storage-path resumes from the latest complete checkpoint and finishes the same number of
+epochs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import fields, replace
+from pathlib import Path
+
+from trainer.config import PRESETS, TrainConfig, with_preset
+from trainer.data import ShardSetError, open_shard_set
+from trainer.runfolder import CONFIG, RunFolder
+
+log = logging.getLogger("trainer.run")
+
+
+class TrainSetupError(RuntimeError):
+    pass
+
+
+def check_setup(cfg: TrainConfig) -> None:
+    """Everything that can be known wrong before Ray starts a single worker."""
+    try:
+        shards = open_shard_set(cfg.data, cfg.input_size)
+    except ShardSetError as exc:
+        raise TrainSetupError(str(exc)) from None
+    for split in ("train", "val"):
+        if split not in shards.manifest["splits"]:
+            raise TrainSetupError(f"shard set {cfg.data} has no {split} split")
+    train_shards = shards.manifest["splits"]["train"]["num_shards"]
+    if cfg.workers > train_shards:
+        raise TrainSetupError(f"--workers {cfg.workers} is more than the {train_shards} train shard(s) of {cfg.data}; "
+                              "use fewer workers or reshard with a smaller --shard-size")
+    if cfg.workers < 1 or cfg.batch_size % cfg.workers:
+        raise TrainSetupError(f"the global batch {cfg.batch_size} must split evenly over {cfg.workers} worker(s)")
+    if cfg.gpus_per_worker not in (0, 1, 2):
+        raise TrainSetupError("--gpus-per-worker is 0 (CPU), 1 (both columns on one GPU) or 2 (one column each)")
+    if cfg.gpus_per_worker == 1 and cfg.columns == 2:
+        log.info("one GPU per worker: both columns on it")
+
+
+def check_cluster(cfg: TrainConfig) -> None:
+    """A GPU request on a cluster without enough GPUs would wait forever: refuse it now."""
+    import ray
+
+    resources = ray.cluster_resources()
+    need_gpus = cfg.workers * cfg.gpus_per_worker
+    if need_gpus and resources.get("GPU", 0) < need_gpus:
+        raise TrainSetupError(f"{cfg.workers} worker(s) x {cfg.gpus_per_worker} GPU(s) = {need_gpus} GPU(s) "
+                              f"requested, but the Ray cluster has {int(resources.get('GPU', 0))}")
+    need_cpus = cfg.workers * cfg.cpus_per_worker
+    if resources.get("CPU", 0) < need_cpus:
+        raise TrainSetupError(f"{need_cpus} CPU(s) requested for workers, the Ray cluster has "
+                              f"{resources.get('CPU', 0):g}")
+
+
+def fit(cfg: TrainConfig, address: str | None = None):
+    import ray
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from trainer.loop import train_loop_per_worker
+
+    check_setup(cfg)
+    started_here = not ray.is_initialized()
+    if started_here:
+        # Explicit address, else the job's cluster (ray job submit sets RAY_ADDRESS), else a
+        # fresh local Ray: never a guess from a stale /tmp/ray/ray_current_cluster.
+        ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local", log_to_driver=True)
+    try:
+        check_cluster(cfg)
+        run = RunFolder(cfg.storage_path, cfg.name)
+        run.write_text(CONFIG, json.dumps(cfg.to_json(), indent=2, sort_keys=True) + "\n")
+        gpu = cfg.gpus_per_worker > 0
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config=cfg.to_json(),
+            torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
+            scaling_config=ray.train.ScalingConfig(
+                num_workers=cfg.workers, use_gpu=gpu,
+                resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker} if gpu else {})}),
+            run_config=ray.train.RunConfig(
+                name=cfg.name, storage_path=cfg.storage_path,
+                failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints)),
+        )
+        t0 = time.perf_counter()
+        result = trainer.fit()
+        elapsed = time.perf_counter() - t0
+    finally:
+        if started_here:
+            ray.shutdown()
+    rows = run.metrics()
+    if run.local_path is not None and rows:
+        from trainer.figures import LEARNING_CURVES, plot_learning_curves
+
+        plot_learning_curves(rows, run.local_path / LEARNING_CURVES)
+    final = rows[-1] if rows else {}
+    log.info("done in %.0f s: %d epoch(s); val top-1 error %.3f, top-5 error %.3f; checkpoint %s",
+             elapsed, final.get("epoch", 0), final.get("val_top1_error", float("nan")),
+             final.get("val_top5_error", float("nan")), result.checkpoint.path if result.checkpoint else None)
+    log.info("run folder %s", run.uri)
+    return result
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, str | None]:
+    d = TrainConfig()
+    p = argparse.ArgumentParser(prog="python -m trainer.run", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data", required=True, help="shard set written by python -m pipeline.shard")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="paper",
+                   help="paper: section 5 (90 epochs, batch 128); sample: the built-in sample data on a CPU")
+    p.add_argument("--name", default=d.name, help="run name; the same name and storage path resume a run")
+    p.add_argument("--storage-path", default="runs",
+                   help="local folder, shared filesystem, or URI (s3://...) holding run folders")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else start one here)")
+    p.add_argument("--workers", type=int, default=d.workers, help="data-parallel Ray Train workers")
+    p.add_argument("--gpus-per-worker", type=int, default=d.gpus_per_worker,
+                   help="2: column A on the first GPU, B on the second; 1: both on one; 0: CPU")
+    p.add_argument("--cpus-per-worker", type=int, default=d.cpus_per_worker)
+    # Preset-controlled values: None means "the preset's".
+    for name, typ in (("epochs", int), ("batch_size", int), ("lr", float), ("momentum", float),
+                      ("weight_decay", float), ("lr_patience", int), ("max_lr_drops", int)):
+        p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=typ, default=None,
+                       help=f"(default: the preset's{', global batch over all workers' if name == 'batch_size' else ''})")
+    p.add_argument("--init", choices=["paper", "kaiming"], default=None, help="(default: the preset's)")
+    p.add_argument("--divide-by-std", action=argparse.BooleanOptionalAction, default=None,
+                   help="scale inputs by the training std as well as centring them (default: the preset's)")
+    p.add_argument("--input-size", type=int, default=d.input_size)
+    p.add_argument("--columns", type=int, choices=[1, 2], default=d.columns, help="1: the paper's one-GPU ablation")
+    p.add_argument("--no-lrn", dest="lrn", action="store_false", help="ablation: no local response normalisation")
+    p.add_argument("--pool-kernel", type=int, choices=[2, 3], default=d.pool_kernel, help="2: non-overlapping pooling")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast (GPU)")
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--ten-crop-every-epoch", action="store_true", help="also run the 10-crop evaluation every epoch")
+    p.add_argument("--no-ten-crop-at-end", dest="ten_crop_at_end", action="store_false")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--loader-threads", type=int, default=d.loader_threads, help="DALI threads per worker")
+    p.add_argument("--max-failures", type=int, default=d.max_failures, help="worker failures to recover from")
+    a = p.parse_args(argv)
+    names = {f.name for f in fields(TrainConfig)}
+    given = {k: v for k, v in vars(a).items() if k in names and v is not None}
+    overrides = {k: given.pop(k) for k in list(given) if k in PRESETS["paper"]}
+    storage = a.storage_path if "://" in a.storage_path else str(Path(a.storage_path).resolve())
+    given.update(data=str(Path(a.data).resolve()), storage_path=storage)
+    cfg = with_preset(replace(TrainConfig(), **given), overrides)
+    return cfg, a.address
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    cfg, address = parse_args(argv)
+    log.info("preset %s: %d epoch(s), global batch %d over %d worker(s) (%d each), lr %g, %s GPU(s) per worker",
+             cfg.preset, cfg.epochs, cfg.batch_size, cfg.workers, cfg.per_worker_batch, cfg.lr, cfg.gpus_per_worker)
+    try:
+        fit(cfg, address)
+    except TrainSetupError as exc:
+        log.error("%s", exc)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
