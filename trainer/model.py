@@ -219,16 +219,24 @@ class AlexNet(nn.Module):
         h = [c.drop(F.relu(c.fc6(self._gather(h, d)))) for c, d in zip(cols, devs)]
         return [F.relu(c.fc7(self._gather(h, d))) for c, d in zip(cols, devs)]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Images (N, 3, S, S) -> logits (N, num_classes) on column A's device."""
-        h = [c.drop(a) for c, a in zip(self.columns, self._hidden(x))]
+    def _logits(self, hidden: list[torch.Tensor]) -> torch.Tensor:
+        h = [c.drop(a) for c, a in zip(self.columns, hidden)]
         logits = [c.fc8(self._gather(h, d)) for c, d in zip(self.columns, self.devices)]
         return self._gather(logits, self.output_device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (N, 3, S, S) -> logits (N, num_classes) on column A's device."""
+        return self._logits(self._hidden(x))
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """The 4096-d fc7 activations (after ReLU, before dropout): the paper's image
         descriptor (6.1), compared by Euclidean distance."""
         return self._gather(self._hidden(x), self.output_device)
+
+    def forward_with_embedding(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, fc7 embedding) from one pass (serving answers both from one batch)."""
+        hidden = self._hidden(x)
+        return self._logits(hidden), self._gather(hidden, self.output_device)
 
     def column_parameters(self, column: int) -> list[nn.Parameter]:
         return list(self.columns[column].parameters())

@@ -246,3 +246,10 @@ def test_two_gpus_one_column_each():
     with torch.no_grad():
         out = model(x227(2).cuda(0))
     assert out.device == torch.device("cuda:0") and out.shape == (2, 1000)
+
+
+def test_forward_with_embedding_is_forward_and_embed_in_one_pass(model):
+    x = x227(2)
+    with torch.no_grad():
+        logits, emb = model.forward_with_embedding(x)
+        assert torch.equal(logits, model(x)) and torch.equal(emb, model.embed(x))
