@@ -1,0 +1,198 @@
+"""The FastAPI app: `create_app(settings)`; the model is loaded in the lifespan.
+
+    POST /predict   image (multipart field "file", or a raw image/* body) -> top-k
+                    ?k=5 (1..min(num_classes, max_k)), ?crops=1|10 (the paper's 10-crop)
+    POST /embed     image -> the 4096-d fc7 vector (paper 6.1)
+    GET  /health    alive;  GET /ready: model loaded;  GET /metrics: Prometheus
+    GET  /          a small page: pick or drop an image, see the top-5 as bars
+
+Every client error is a 4xx JSON body {"error": ..., "detail": ...}; the server stays up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from pipeline.preprocess import ImageError
+from serving.batcher import MicroBatcher
+from serving.predictor import Predictor
+from serving.settings import Settings
+
+STATIC = Path(__file__).parent / "static"
+RAW_TYPES = ("image/", "application/octet-stream")
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, error: str, detail: str):
+        super().__init__(detail)
+        self.status, self.error, self.detail = status, error, detail
+
+
+def _error(status: int, error: str, detail) -> JSONResponse:
+    return JSONResponse({"error": error, "detail": detail}, status_code=status)
+
+
+class Metrics:
+    def __init__(self):
+        self.registry = CollectorRegistry()
+        self.requests = Counter("alexnet_requests", "HTTP requests by endpoint and status",
+                                ["endpoint", "status"], registry=self.registry)
+        self.latency = Histogram("alexnet_request_latency_seconds", "Request latency", ["endpoint"],
+                                 buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+                                 registry=self.registry)
+        self.batch_size = Histogram("alexnet_batch_size", "Images per forward pass",
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=self.registry)
+
+
+def create_app(settings: Settings) -> FastAPI:
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        torch.set_num_threads(max(1, torch.get_num_threads()))
+        # Loading fails loudly (missing, incomplete or mismatched checkpoint): no half-up server.
+        predictor = await asyncio.to_thread(Predictor, settings.checkpoint, settings.device, settings.max_pixels,
+                                            settings.max_side)
+        batcher = MicroBatcher(predictor.forward, settings.max_batch, settings.max_wait_ms, settings.batching,
+                               on_batch=metrics.batch_size.observe)
+        await batcher.start()
+        app.state.predictor, app.state.batcher = predictor, batcher
+        yield
+        await batcher.stop()
+
+    app = FastAPI(title="AlexNet (Krizhevsky et al. 2012)", version="0.1.0", lifespan=lifespan,
+                  description="Top-k ImageNet predictions and fc7 embeddings from a trained checkpoint.")
+    app.state.settings, app.state.metrics = settings, metrics
+
+    @app.middleware("http")
+    async def count(request: Request, call_next):
+        t0 = time.perf_counter()
+        endpoint = request.url.path if request.url.path in KNOWN else "other"
+        try:
+            response = await call_next(request)
+        except Exception:
+            metrics.requests.labels(endpoint, "500").inc()
+            raise
+        metrics.requests.labels(endpoint, str(response.status_code)).inc()
+        metrics.latency.labels(endpoint).observe(time.perf_counter() - t0)
+        return response
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError):
+        return _error(exc.status, exc.error, exc.detail)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError):
+        detail = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        return _error(422, "invalid_request", detail)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        return _error(exc.status_code, "http_error", str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception):
+        return _error(500, "internal_error", "the server failed on this request; it is still up")
+
+    def check_auth(request: Request) -> None:
+        if settings.token is None:
+            return
+        if request.headers.get("authorization", "") != f"Bearer {settings.token}":
+            raise ApiError(401, "unauthorized", "missing or wrong bearer token (Authorization: Bearer <token>)")
+
+    async def read_image(request: Request) -> bytes:
+        limit = settings.max_upload_bytes
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > limit + 64 * 1024:  # multipart framing allowance
+            raise ApiError(413, "payload_too_large", f"upload of {int(length):,} bytes; the limit is {limit:,}")
+        ctype = request.headers.get("content-type", "").lower()
+        if ctype.startswith("multipart/form-data"):
+            form = await request.form(max_files=1, max_fields=8, max_part_size=limit + 1)
+            upload = form.get("file")
+            if upload is None or isinstance(upload, str):
+                raise ApiError(400, "missing_file", 'multipart upload needs a file in the field "file"')
+            data = await upload.read(limit + 1)
+        elif ctype.startswith(RAW_TYPES):
+            chunks, size = [], 0
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise ApiError(413, "payload_too_large", f"body over the limit of {limit:,} bytes")
+                chunks.append(chunk)
+            data = b"".join(chunks)
+        else:
+            raise ApiError(415, "unsupported_media_type",
+                           f"send an image as multipart/form-data (field 'file') or as a raw image/* body, "
+                           f"not {ctype or 'no content type'}")
+        if len(data) > limit:
+            raise ApiError(413, "payload_too_large", f"upload over the limit of {limit:,} bytes")
+        if not data:
+            raise ApiError(400, "empty_body", "the request carried no image bytes")
+        return data
+
+    async def run(request: Request, ten_crop: bool):
+        check_auth(request)
+        predictor: Predictor = request.app.state.predictor
+        data = await read_image(request)
+        t0 = time.perf_counter()
+        try:
+            crops = await asyncio.to_thread(predictor.preprocess, data, ten_crop)
+        except ImageError as exc:
+            status = 413 if exc.kind == "too_large" else (415 if exc.kind == "unsupported_format" else 400)
+            raise ApiError(status, exc.kind, exc.reason) from None
+        t1 = time.perf_counter()
+        logits, embeddings = await request.app.state.batcher.submit(crops)
+        t2 = time.perf_counter()
+        timing = {"preprocess_ms": round((t1 - t0) * 1e3, 2), "inference_ms": round((t2 - t1) * 1e3, 2)}
+        return predictor, logits, embeddings, timing
+
+    @app.post("/predict", summary="Top-k classes for an image")
+    async def predict(request: Request, k: int = 5, crops: int = 1):
+        predictor: Predictor = request.app.state.predictor
+        max_k = min(len(predictor.classes), settings.max_k)
+        if not 1 <= k <= max_k:
+            raise ApiError(400, "invalid_k", f"k must be between 1 and {max_k}")
+        if crops not in (1, 10):
+            raise ApiError(400, "invalid_crops", "crops must be 1 (centre) or 10 (the paper's 10-crop average)")
+        predictor, logits, _, timing = await run(request, ten_crop=crops == 10)
+        probs = logits.softmax(dim=1).mean(dim=0)
+        return {"predictions": predictor.top_k(probs, k), "crops": crops, "checkpoint": predictor.identity,
+                "timing": timing}
+
+    @app.post("/embed", summary="The 4096-d fc7 embedding of an image (paper 6.1)")
+    async def embed(request: Request):
+        predictor, _, embeddings, timing = await run(request, ten_crop=False)
+        return {"embedding": [round(float(v), 6) for v in embeddings[0]], "dim": int(embeddings.shape[1]),
+                "checkpoint": predictor.identity, "timing": timing}
+
+    @app.get("/health", summary="The process is up")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/ready", summary="The model is loaded and serving")
+    async def ready(request: Request):
+        predictor = getattr(request.app.state, "predictor", None)
+        if predictor is None:
+            return _error(503, "not_ready", "the model is not loaded yet")
+        return {"ready": True, "checkpoint": predictor.identity, "device": str(predictor.device)}
+
+    @app.get("/metrics", summary="Prometheus metrics")
+    async def prometheus():
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page():
+        return HTMLResponse((STATIC / "index.html").read_text("utf-8"))
+
+    KNOWN = {"/predict", "/embed", "/health", "/ready", "/metrics", "/"}
+    return app

@@ -1,0 +1,68 @@
+"""The model behind the service: loads a contract-2 checkpoint (weights only, never
+unpickled) and turns image bytes into class probabilities and fc7 embeddings.
+
+Preprocessing is the trainer's, step for step (contracts 1 and 3): `prepare_image` (the
+sharder's function), the JPEG round trip at the shard set's quality (what DALI decoded in
+training), then the eval crop and normalisation numbers of pipeline.transforms, which the
+DALI val pipeline also uses.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.preprocess import ImageError, open_image
+from pipeline.transforms import Normalization, as_sharded, eval_crops
+from trainer.checkpoint import load_model
+
+ACCEPTED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "BMP"})
+DEFAULT_SHARD_QUALITY = 90
+
+
+def pick_device(requested: str) -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)
+
+
+class Predictor:
+    def __init__(self, checkpoint: Path, device: str = "auto", max_pixels: int = 40_000_000, max_side: int = 20_000):
+        self.device = pick_device(device)
+        self.model, self.meta = load_model(checkpoint, device=self.device)
+        self.classes = self.meta["classes"]
+        self.norm = Normalization.from_json(self.meta["normalization"])
+        self.input_size = int(self.meta["input_size"])
+        self.quality = int((self.meta.get("shards") or {}).get("jpeg_quality") or DEFAULT_SHARD_QUALITY)
+        self.max_pixels, self.max_side = max_pixels, max_side
+        self.identity = {"checkpoint": str(Path(checkpoint).resolve()), "epoch": self.meta.get("epoch"),
+                         "run": self.meta.get("run"), "num_classes": len(self.classes),
+                         "val_top1_error": (self.meta.get("metrics") or {}).get("val_top1_error")}
+        self._lock = threading.Lock()  # one forward at a time; batching provides the parallelism
+
+    def preprocess(self, data: bytes, ten_crop: bool = False) -> np.ndarray:
+        """Bytes -> (1 or 10, 3, S, S) float32. Raises ImageError for unusable input."""
+        header = open_image(data, max_pixels=self.max_pixels, allowed_formats=ACCEPTED_FORMATS,
+                            allow_animated=False)
+        if max(header.size) > self.max_side:
+            raise ImageError(f"image is {header.size[0]}x{header.size[1]}: a side over {self.max_side} px",
+                             kind="too_large")
+        pixels = as_sharded(data, quality=self.quality, max_pixels=self.max_pixels,
+                            allowed_formats=ACCEPTED_FORMATS, allow_animated=False)
+        return eval_crops(pixels, self.input_size, self.norm, ten_crop=ten_crop)
+
+    @torch.no_grad()
+    def forward(self, crops: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, 3, S, S) -> (logits, fc7 embeddings), both (N, ...) on the CPU."""
+        x = torch.from_numpy(crops).to(self.device)
+        with self._lock:
+            logits, hidden = self.model.forward_with_embedding(x)
+        return logits.float().cpu(), hidden.float().cpu()
+
+    def top_k(self, probs: torch.Tensor, k: int) -> list[dict]:
+        values, indices = probs.topk(k)
+        return [{"index": int(i), "wnid": self.classes[int(i)]["wnid"], "name": self.classes[int(i)]["name"],
+                 "probability": float(v)} for v, i in zip(values, indices)]

@@ -1,0 +1,64 @@
+"""A checkpoint made with the model's own save function from the sample shard set, and the
+real service on uvicorn on a free loopback port (a subprocess: `python -m serving`)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from tests.trainer.conftest import free_port
+from trainer.checkpoint import save
+from trainer.data import open_shard_set
+from trainer.model import AlexNet, AlexNetConfig
+
+REPO = Path(__file__).resolve().parents[2]
+UPLOAD_LIMIT = 300_000
+
+
+@pytest.fixture(scope="session")
+def checkpoint(shard_set, tmp_path_factory) -> Path:
+    out, manifest = shard_set
+    shards = open_shard_set(out)
+    torch.manual_seed(0)
+    model = AlexNet(AlexNetConfig(num_classes=shards.num_classes, init="kaiming")).eval()
+    folder = tmp_path_factory.mktemp("ckpt") / "checkpoint_0001"
+    save(folder, model, classes=manifest["classes"], normalization=shards.normalization(divide_by_std=True),
+         epoch=1, metrics={"val_top1_error": 0.9},
+         extra={"shards": {"jpeg_quality": manifest["jpeg_quality"], "image_size": manifest["image_size"]}})
+    return folder
+
+
+@pytest.fixture(scope="session")
+def server(checkpoint, tmp_path_factory):
+    port = free_port()
+    env = dict(os.environ, ALEXNET_MAX_UPLOAD_BYTES=str(UPLOAD_LIMIT), ALEXNET_MAX_WAIT_MS="20")
+    log = tmp_path_factory.mktemp("serve") / "server.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "serving", "--checkpoint", str(checkpoint), "--port",
+                                 str(port)], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"server did not come up: {log.read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
