@@ -3,6 +3,8 @@
     POST /predict   image (multipart field "file", or a raw image/* body) -> top-k
                     ?k=5 (1..min(num_classes, max_k)), ?crops=1|10 (the paper's 10-crop)
     POST /embed     image -> the 4096-d fc7 vector (paper 6.1)
+    POST /similar   image -> the nearest indexed images by Euclidean fc7 distance (?k=6)
+    POST /index     ?path=...: (re)build the retrieval index (only under settings.index_roots)
     GET  /health    alive;  GET /ready: model loaded;  GET /metrics: Prometheus
     GET  /          a small page: pick or drop an image, see the top-5 as bars
 
@@ -12,6 +14,7 @@ Every client error is a 4xx JSON body {"error": ..., "detail": ...}; the server 
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -54,6 +57,13 @@ class Metrics:
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=self.registry)
 
 
+async def build_index_async(app: FastAPI, path: Path, split: str):
+    from serving.retrieval import build_index
+
+    app.state.index = await asyncio.to_thread(build_index, path, app.state.predictor, split)
+    return app.state.index
+
+
 def create_app(settings: Settings) -> FastAPI:
     metrics = Metrics()
 
@@ -67,7 +77,13 @@ def create_app(settings: Settings) -> FastAPI:
                                on_batch=metrics.batch_size.observe)
         await batcher.start()
         app.state.predictor, app.state.batcher = predictor, batcher
+        app.state.index = None
+        indexing = None
+        if settings.index is not None:  # in the background: /ready does not wait for it
+            indexing = asyncio.create_task(build_index_async(app, settings.index, settings.index_split))
         yield
+        if indexing is not None:
+            indexing.cancel()
         await batcher.stop()
 
     app = FastAPI(title="AlexNet (Krizhevsky et al. 2012)", version="0.1.0", lifespan=lifespan,
@@ -175,6 +191,33 @@ def create_app(settings: Settings) -> FastAPI:
         return {"embedding": [round(float(v), 6) for v in embeddings[0]], "dim": int(embeddings.shape[1]),
                 "checkpoint": predictor.identity, "timing": timing}
 
+    @app.post("/similar", summary="Nearest indexed images by fc7 distance (paper 6.1)")
+    async def similar(request: Request, k: int = 6):
+        index = request.app.state.index
+        if index is None:
+            raise ApiError(409, "no_index", "no retrieval index yet: start with ALEXNET_INDEX=<folder or shard set>, "
+                                            "or POST /index?path=...")
+        if not 1 <= k <= min(len(index.keys), settings.max_k):
+            raise ApiError(400, "invalid_k", f"k must be between 1 and {min(len(index.keys), settings.max_k)}")
+        predictor, _, embeddings, timing = await run(request, ten_crop=False)
+        return {"neighbours": index.nearest(embeddings[0], k), "index": {"source": index.source,
+                                                                          "size": len(index.keys)},
+                "checkpoint": predictor.identity, "timing": timing}
+
+    @app.post("/index", summary="Build the retrieval index from a folder or shard set on the server")
+    async def make_index(request: Request, path: str, split: str = "val"):
+        check_auth(request)
+        roots = [Path(r).resolve() for r in settings.index_roots.split(os.pathsep) if r]
+        target = Path(path).resolve()
+        if not any(target == r or r in target.parents for r in roots):
+            raise ApiError(403, "forbidden_path", "indexing on request is limited to settings.index_roots "
+                                                  f"({settings.index_roots or 'none configured'})")
+        try:
+            index = await build_index_async(request.app, target, split)
+        except (FileNotFoundError, ValueError, KeyError) as exc:
+            raise ApiError(400, "cannot_index", str(exc)) from None
+        return {"indexed": len(index.keys), "source": index.source}
+
     @app.get("/health", summary="The process is up")
     async def health():
         return {"status": "ok"}
@@ -194,5 +237,5 @@ def create_app(settings: Settings) -> FastAPI:
     async def page():
         return HTMLResponse((STATIC / "index.html").read_text("utf-8"))
 
-    KNOWN = {"/predict", "/embed", "/health", "/ready", "/metrics", "/"}
+    KNOWN = {"/predict", "/embed", "/similar", "/index", "/health", "/ready", "/metrics", "/"}
     return app

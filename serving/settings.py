@@ -24,6 +24,11 @@ class Settings:
     batching: bool = True
     token: str | None = None  # bearer token; None = no auth
     max_k: int = 100
+    index: Path | None = None  # a folder of images or a shard set, indexed at start-up for /similar
+    index_split: str = "val"  # which split of a shard set
+    # Roots under which POST /index may index on request (os.pathsep-separated); empty = off,
+    # since it makes the server read files from its own disk.
+    index_roots: str = ""
 
     @classmethod
     def from_env(cls, **overrides) -> "Settings":

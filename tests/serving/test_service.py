@@ -200,3 +200,42 @@ def test_refuses_to_start_without_a_usable_checkpoint(checkpoint, tmp_path):
     with pytest.raises(CheckpointError):
         with TestClient(create_app(Settings(checkpoint=mismatched))):
             pass
+
+
+def test_similar_finds_the_image_itself_first_in_a_shard_set_index(checkpoint, shard_set, sample_root):
+    from fastapi.testclient import TestClient
+
+    out, _ = shard_set
+    with TestClient(create_app(Settings(checkpoint=checkpoint, index=out))) as client:
+        assert client.post("/similar", content=jpeg(), headers={"content-type": "image/jpeg"}).status_code in (200, 409)
+        for _ in range(600):  # the index is built in the background
+            if client.app.state.index is not None:
+                break
+            import time
+
+            time.sleep(0.1)
+        raw = next((sample_root / "val").glob("*/ILSVRC2012_val_00000002.JPEG"))
+        r = client.post("/similar?k=6", content=raw.read_bytes(), headers={"content-type": "image/jpeg"})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["index"]["size"] == 99 and len(body["neighbours"]) == 6
+        distances = [n["distance"] for n in body["neighbours"]]
+        assert distances == sorted(distances)
+        # Itself first, as the trainer saw it (float noise only: batched vs single forward).
+        assert body["neighbours"][0]["key"] == raw.stem and distances[0] < 0.01 * distances[1]
+
+
+def test_index_on_request_is_limited_to_configured_roots(checkpoint, sample_root):
+    from fastapi.testclient import TestClient
+
+    with TestClient(create_app(Settings(checkpoint=checkpoint))) as client:
+        r = client.post("/similar", content=jpeg(), headers={"content-type": "image/jpeg"})
+        assert r.status_code == 409 and r.json()["error"] == "no_index"
+        r = client.post("/index", params={"path": str(sample_root / "val")})
+        assert r.status_code == 403 and r.json()["error"] == "forbidden_path"
+    folder = sample_root / "val" / "n01440764"
+    with TestClient(create_app(Settings(checkpoint=checkpoint, index_roots=str(sample_root)))) as client:
+        r = client.post("/index", params={"path": str(folder)})
+        assert r.status_code == 200 and r.json()["indexed"] == len(list(folder.glob("*.JPEG")))
+        r = client.post("/index", params={"path": "/etc"})
+        assert r.status_code == 403
