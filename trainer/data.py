@@ -12,9 +12,9 @@ and every other operator is the same code either way.
 
 Sharding: `shard_id`/`num_shards` = Ray worker rank/world size. Exact epochs: every sample
 once per epoch across all workers; `pad_last_batch` pads a worker's last batch by repeating
-its last sample and the iterator (reader_name + PARTIAL policy) drops the padding, so the
-only duplicates are none. Workers' batch counts may differ by one; the training loop
-evens them out. Train order is reshuffled every epoch (a seeded shuffle buffer, and the
+its last sample and the iterator (reader_name + PARTIAL policy) drops that padding again, so
+no sample is seen twice. Workers' batch counts may differ by one; the training loop's DDP
+Join absorbs the difference. Train order is reshuffled every epoch (a seeded shuffle buffer, and the
 shard assignment rotates between epochs).
 """
 
