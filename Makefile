@@ -26,8 +26,7 @@ test: $(VENV)/.installed
 	$(PY) -m pytest
 
 demo: $(VENV)/.installed
-	$(PY) -m pipeline.sample --out $(DEMO)/raw
-	$(PY) -m pipeline.shard --src $(DEMO)/raw --out $(DEMO)/shards --shard-size 64
+	$(PY) -m deploy.demo --out $(DEMO)
 
 clean-demo:
 	rm -rf $(DEMO)

@@ -1,0 +1,35 @@
+"""The README's demo command end to end (shard -> Ray job -> serve -> predict), checking
+every artefact it leaves."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.pipeline.test_shard import REPO
+from tests.trainer.conftest import ray_env
+
+pytestmark = pytest.mark.slow
+
+
+def test_demo_runs_end_to_end(tmp_path):
+    out = tmp_path / "demo"
+    r = subprocess.run([sys.executable, "-m", "deploy.demo", "--out", str(out), "--epochs", "2"], cwd=REPO,
+                       env=ray_env(), capture_output=True, text=True, timeout=1200)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    for stage in ("1/5", "2/5", "3/5", "4/5", "5/5"):
+        assert f"==== {stage}" in r.stderr
+    manifest = json.loads((out / "shards" / "manifest.json").read_text())
+    assert manifest["splits"]["train"]["num_samples"] == 297
+    run = out / "runs" / "demo"
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [row["epoch"] for row in rows] == [1, 2]
+    assert any(p.name.startswith("checkpoint_") and (p / "model.safetensors").is_file() for p in run.iterdir())
+    png = (run / "learning_curves.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    answer = json.loads((out / "prediction.json").read_text())
+    assert len(answer["predictions"]) == 5 and answer["checkpoint"]["epoch"] == 2
+    assert "Ray head up" in r.stderr and "stopping Ray" in r.stderr
