@@ -64,6 +64,35 @@ def wait_until(check, timeout: float, what: str, proc: subprocess.Popen | None =
     raise RuntimeError(f"timed out waiting for {what}")
 
 
+def ray_head_ports() -> list[str]:
+    """Every port the head listens on, picked free: a second Ray on this machine (the user's
+    own, or a test's) must not collide with ours on a default port."""
+    names = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+             "runtime-env-agent-port", "node-manager-port", "object-manager-port", "ray-client-server-port")
+    return [f"--{name}={free_port()}" for name in names]
+
+
+def submit_job(address: str, entrypoint: list[str], env: dict, attempts: int = 20) -> None:
+    """`ray job submit` (blocking, output streamed). The job agent can come up a little
+    after the job API answers ("No available agent"): that submission never started a
+    job, so it is retried; any other failure is the job's own and is raised."""
+    cmd = [RAY, "job", "submit", "--address", address, "--", *entrypoint]
+    log.info("$ %s", " ".join(cmd))
+    for attempt in range(attempts):
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        lines = []
+        for line in proc.stdout:
+            sys.stderr.write(line)
+            lines.append(line)
+        if proc.wait() == 0:
+            return
+        if not any("No available agent" in line for line in lines[-20:]):
+            raise subprocess.CalledProcessError(proc.returncode, cmd)
+        log.info("job agent not ready yet; submitting again (%d/%d)", attempt + 2, attempts)
+        time.sleep(3)
+    raise RuntimeError("the Ray job agent never became ready")
+
+
 def stop_group(proc: subprocess.Popen) -> None:
     """Stop a process we started in its own group (never `ray stop`: it kills every Ray here)."""
     if proc.poll() is None:
@@ -97,20 +126,22 @@ def main(argv: list[str] | None = None) -> int:
     cfg.out.mkdir(parents=True, exist_ok=True)
     ray_log = open(cfg.out / "ray-start.log", "w")
     head = subprocess.Popen([RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
-                             f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
-                             f"--ray-client-server-port={free_port()}", "--disable-usage-stats"],
+                             f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1", *ray_head_ports(),
+                             "--disable-usage-stats"],
                             env=env, stdout=ray_log, stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{dash}"
     try:
         wait_until(lambda: subprocess.run([RAY, "job", "list", "--address", address], env=env,
                                           capture_output=True).returncode == 0, 180, "the Ray head", head)
         log.info("Ray head up: job API %s (loopback only)", address)
-        run([RAY, "job", "submit", "--address", address, "--", PY, "-m", "trainer.run", "--data", str(shards),
-             "--preset", "sample", "--workers", str(cfg.workers), "--epochs", str(cfg.epochs),
-             "--storage-path", str(runs), "--name", cfg.name], env=env)
+        submit_job(address, [PY, "-m", "trainer.run", "--data", str(shards), "--preset", "sample", "--workers",
+                             str(cfg.workers), "--epochs", str(cfg.epochs), "--storage-path", str(runs),
+                             "--name", cfg.name], env)
     finally:
         stage("stopping Ray")
         stop_group(head)
+    stage("figures (python -m trainer.figures): learning curves, conv1 kernels, retrieval")
+    run([PY, "-m", "trainer.figures", str(runs / cfg.name), "--shards", str(shards)], env=env)
 
     stage("4/5 serving the checkpoint (python -m serving)")
     port = free_port()
@@ -137,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         stop_group(server)
     metrics = [json.loads(x) for x in (runs / cfg.name / "metrics.jsonl").read_text().splitlines()]
-    log.info("done in %.0f s. Shards: %s; run folder: %s (metrics.jsonl, learning_curves.png, checkpoints); "
+    log.info("done in %.0f s. Shards: %s; run folder: %s (metrics.jsonl, checkpoints, learning_curves.png, "
+             "conv1_kernels.png, retrieval.png); "
              "final val top-1 error %.2f", time.perf_counter() - t0, shards, runs / cfg.name,
              metrics[-1]["val_top1_error"])
     return 0

@@ -1,6 +1,12 @@
-"""Figures from a run folder: the learning curves (top-1/top-5 error and lr per epoch).
+"""The paper's figures from a run folder.
 
-    python -m trainer.figures RUN_DIR        # writes RUN_DIR/learning_curves.png
+    python -m trainer.figures RUN_DIR [--shards SHARDS]
+
+- learning_curves.png: train/val top-1 and top-5 error and the learning rate per epoch;
+- conv1_kernels.png: the 96 learned 11x11x3 conv1 kernels as an 8x12 tile, column A's 48
+  on the left half and column B's 48 on the right (paper Figure 3);
+- retrieval.png (with --shards): validation query images, each followed by its 6 nearest
+  neighbours by Euclidean distance between fc7 vectors (paper Figure 4).
 """
 
 from __future__ import annotations
@@ -13,6 +19,9 @@ from pathlib import Path
 
 log = logging.getLogger("trainer.figures")
 LEARNING_CURVES = "learning_curves.png"
+CONV1_KERNELS = "conv1_kernels.png"
+RETRIEVAL = "retrieval.png"
+KERNEL_SCALE, GAP, COLUMN_GAP = 4, 2, 10  # COLUMN_GAP separates column A's kernels from B's
 
 
 def plot_learning_curves(rows: list[dict], out: Path) -> Path:
@@ -52,6 +61,67 @@ def plot_learning_curves(rows: list[dict], out: Path) -> Path:
     return out
 
 
+def conv1_tile(model, out: Path) -> Path:
+    """Figure 3: 8 rows x 12 kernels; columns A (left 6) and B (right 6) of the model."""
+    import numpy as np
+    from PIL import Image
+
+    kernels = [c.conv1.weight.detach().float().cpu().numpy() for c in model.columns]  # (48, 3, 11, 11) each
+    cell = 11 * KERNEL_SCALE + GAP
+    tile = np.full((8 * cell + GAP, 12 * cell + GAP + COLUMN_GAP, 3), 255, dtype=np.uint8)
+    per_col = 12 // len(kernels)
+    for c, weights in enumerate(kernels):
+        for i, k in enumerate(weights[: 8 * per_col]):
+            img = k.transpose(1, 2, 0)
+            img = (img - img.min()) / max(float(img.max() - img.min()), 1e-12)  # each kernel to [0, 1]
+            img = np.kron((img * 255).astype(np.uint8), np.ones((KERNEL_SCALE, KERNEL_SCALE, 1), dtype=np.uint8))
+            row, col = divmod(i, per_col)
+            y, x = GAP + row * cell, GAP + (c * per_col + col) * cell + c * COLUMN_GAP
+            tile[y:y + 11 * KERNEL_SCALE, x:x + 11 * KERNEL_SCALE] = img
+    out.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(tile).save(out)
+    return out
+
+
+def retrieval_sheet(checkpoint: Path, shards: Path, out: Path, queries: int = 5, neighbours: int = 6,
+                    thumb: int = 96) -> Path:
+    """Figure 4: each row a validation query and its nearest neighbours by fc7 distance."""
+    import tarfile
+
+    import numpy as np
+    from PIL import Image
+
+    from serving.predictor import Predictor
+    from serving.retrieval import build_index
+
+    predictor = Predictor(checkpoint, device="cpu")
+    index = build_index(shards, predictor, split="val")
+    images = {}
+    for origin in index.origins:
+        tar_rel, key = origin.rsplit(":", 1)
+        images.setdefault(tar_rel, set()).add(key)
+    pixels = {}
+    for tar_rel, keys in images.items():
+        with tarfile.open(Path(shards) / tar_rel) as tar:
+            for member in tar:
+                if member.name.endswith(".jpg") and member.name[:-4] in keys:
+                    img = Image.open(tar.extractfile(member)).convert("RGB").resize((thumb, thumb))
+                    pixels[member.name[:-4]] = np.asarray(img)
+    step = max(1, len(index.keys) // queries)
+    rows = []
+    for q in range(0, step * queries, step)[:queries]:
+        found = index.nearest(index.vectors[q], neighbours + 1)
+        keys = [index.keys[q]] + [f["key"] for f in found if f["key"] != index.keys[q]][:neighbours]
+        gap = np.full((thumb, 8, 3), 255, dtype=np.uint8)
+        row = [pixels[keys[0]], np.full((thumb, 16, 3), 255, dtype=np.uint8)]
+        for key in keys[1:]:
+            row += [pixels[key], gap]
+        rows += [np.concatenate(row, axis=1), np.full((8, sum(r.shape[1] for r in row), 3), 255, dtype=np.uint8)]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.concatenate(rows, axis=0)).save(out)
+    return out
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
@@ -63,13 +133,25 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     p = argparse.ArgumentParser(prog="python -m trainer.figures", description=__doc__.split("\n\n")[0])
     p.add_argument("run", type=Path, help="run folder (STORAGE_PATH/NAME)")
+    p.add_argument("--shards", type=Path, help="shard set for the retrieval sheet (its val split)")
     a = p.parse_args(argv)
+    from trainer.checkpoint import CheckpointError, load_model
+    from trainer.runfolder import latest_checkpoint
+
     try:
-        out = plot_learning_curves(read_metrics(a.run), a.run / LEARNING_CURVES)
-    except (FileNotFoundError, ValueError) as exc:
+        written = [plot_learning_curves(read_metrics(a.run), a.run / LEARNING_CURVES)]
+        checkpoint = latest_checkpoint(a.run)
+        if checkpoint is None:
+            raise FileNotFoundError(f"no registered checkpoint in {a.run}")
+        model, _ = load_model(checkpoint)
+        written.append(conv1_tile(model, a.run / CONV1_KERNELS))
+        if a.shards:
+            written.append(retrieval_sheet(checkpoint, a.shards, a.run / RETRIEVAL))
+    except (FileNotFoundError, ValueError, CheckpointError) as exc:
         log.error("%s", exc)
         return 2
-    log.info("wrote %s", out)
+    for path in written:
+        log.info("wrote %s", path)
     return 0
 
 

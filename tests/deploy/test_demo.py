@@ -28,8 +28,14 @@ def test_demo_runs_end_to_end(tmp_path):
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [row["epoch"] for row in rows] == [1, 2]
     assert any(p.name.startswith("checkpoint_") and (p / "model.safetensors").is_file() for p in run.iterdir())
-    png = (run / "learning_curves.png").read_bytes()
-    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    from PIL import Image
+
+    sizes = {"learning_curves.png": (800, 600), "conv1_kernels.png": (12 * 46 + 2 + 10, 8 * 46 + 2),
+             "retrieval.png": (96 * 7 + 16 + 8 * 6, 5 * (96 + 8))}
+    for name, size in sizes.items():
+        png = (run / name).read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5_000, name
+        assert Image.open(run / name).size == size, name
     answer = json.loads((out / "prediction.json").read_text())
     assert len(answer["predictions"]) == 5 and answer["checkpoint"]["epoch"] == 2
     assert "Ray head up" in r.stderr and "stopping Ray" in r.stderr

@@ -38,21 +38,32 @@ class RayCluster:
     env: dict
 
     def ray(self, *args: str, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
-        return subprocess.run([str(VENV_BIN / "ray"), *args], env=self.env, capture_output=True, text=True,
-                              timeout=timeout, check=check)
+        """Run the ray CLI. A job submission refused with "No available agent" (the agent
+        starts a little after the job API answers) never started a job: retried."""
+        for _ in range(20):
+            r = subprocess.run([str(VENV_BIN / "ray"), *args], env=self.env, capture_output=True, text=True,
+                               timeout=timeout)
+            if r.returncode == 0 or "No available agent" not in r.stdout + r.stderr:
+                break
+            time.sleep(3)
+        if check and r.returncode != 0:
+            raise subprocess.CalledProcessError(r.returncode, r.args, r.stdout, r.stderr)
+        return r
 
 
 @pytest.fixture(scope="session")
 def ray_cluster(tmp_path_factory):
     pytest.importorskip("ray")
-    gcs_port, dash_port, client_port = free_port(), free_port(), free_port()
+    from deploy.demo import ray_head_ports
+
+    gcs_port, dash_port = free_port(), free_port()
     env = ray_env()
     log = tmp_path_factory.mktemp("ray") / "ray-start.log"
     with open(log, "w") as out:
         proc = subprocess.Popen(
             [str(VENV_BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
              f"--port={gcs_port}", f"--dashboard-port={dash_port}", "--dashboard-host=127.0.0.1",
-             f"--ray-client-server-port={client_port}", "--num-cpus=2", "--num-gpus=0",
+             *ray_head_ports(), "--num-cpus=2", "--num-gpus=0",
              "--include-dashboard=true", "--disable-usage-stats"],
             env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     cluster = RayCluster(gcs_address=f"127.0.0.1:{gcs_port}", dashboard_url=f"http://127.0.0.1:{dash_port}", env=env)
