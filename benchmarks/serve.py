@@ -30,6 +30,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from deploy.demo import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -56,14 +58,6 @@ def photos_as_requests(photos: Path) -> list[bytes]:
     if not out:
         raise SystemExit(f"no .jpg photographs in {photos}")
     return out
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(checkpoint: Path, batching: bool, log: Path) -> tuple[subprocess.Popen, str]:

@@ -21,7 +21,6 @@ shard assignment rotates between epochs).
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -273,8 +272,3 @@ class DaliLoader:
 def _key(row: np.ndarray) -> str:
     info = bytes(row).rstrip(b"\0").decode("utf-8")
     return info.rsplit(":", 1)[-1].split(".", 1)[0]
-
-
-def batches_per_epoch(num_samples: int, batch_size: int, num_shards: int) -> int:
-    """The largest per-worker batch count (workers differ by at most one sample)."""
-    return math.ceil(math.ceil(num_samples / num_shards) / batch_size)

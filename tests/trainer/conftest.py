@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,13 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from deploy.demo import free_port, ray_head_ports
+
 VENV_BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def ray_env() -> dict:
@@ -54,8 +49,6 @@ class RayCluster:
 @pytest.fixture(scope="session")
 def ray_cluster(tmp_path_factory):
     pytest.importorskip("ray")
-    from deploy.demo import ray_head_ports
-
     gcs_port, dash_port = free_port(), free_port()
     env = ray_env()
     log = tmp_path_factory.mktemp("ray") / "ray-start.log"
