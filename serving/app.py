@@ -19,7 +19,6 @@ import time
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
@@ -69,7 +68,6 @@ def create_app(settings: Settings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        torch.set_num_threads(max(1, torch.get_num_threads()))
         # Loading fails loudly (missing, incomplete or mismatched checkpoint): no half-up server.
         predictor = await asyncio.to_thread(Predictor, settings.checkpoint, settings.device, settings.max_pixels,
                                             settings.max_side)

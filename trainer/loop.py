@@ -153,7 +153,7 @@ def train_loop_per_worker(config: dict) -> None:
                      "%.1f img/s, data wait %.0f%%, lr %g", epoch + 1, cfg.epochs, metrics["train_loss"],
                      metrics["train_top1_error"], metrics["val_top1_error"], metrics["val_top5_error"],
                      metrics["images_per_s"], 100 * metrics["data_wait_share"], lr)
-            run.append_metrics(metrics, keep_until_epoch=epoch)
+            run.append_metrics(metrics)
             with tempfile.TemporaryDirectory() as tmp:
                 ckpt_io.save(Path(tmp), net, classes=shards.manifest["classes"], normalization=norm,
                              epoch=epoch + 1, metrics=metrics,

@@ -54,11 +54,10 @@ class RunFolder:
         text = self.read_text(METRICS) or ""
         return [json.loads(line) for line in text.splitlines() if line.strip()]
 
-    def append_metrics(self, row: dict, keep_until_epoch: int | None = None) -> None:
-        """Add one epoch's line. Lines past `keep_until_epoch` (from a run that died after
-        them but before their checkpoint was complete) are dropped: they are being redone."""
-        rows = [r for r in self.metrics() if keep_until_epoch is None or r["epoch"] <= keep_until_epoch]
-        rows = [r for r in rows if r["epoch"] != row["epoch"]] + [row]
+    def append_metrics(self, row: dict) -> None:
+        """Add one epoch's line (replacing a line for the same epoch). Lines of epochs a dead
+        run wrote past its last checkpoint are dropped on resume by truncate_metrics."""
+        rows = [r for r in self.metrics() if r["epoch"] != row["epoch"]] + [row]
         self.write_text(METRICS, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
 
     def truncate_metrics(self, until_epoch: int) -> None:
