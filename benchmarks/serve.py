@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from deploy.demo import free_port
+from deploy.steps import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 

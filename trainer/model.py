@@ -16,7 +16,7 @@ Parameters of the paper layout: 60,965,224.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F

@@ -13,7 +13,7 @@ import httpx
 import pytest
 import torch
 
-from deploy.demo import free_port
+from deploy.steps import free_port
 from trainer.checkpoint import save
 from trainer.data import open_shard_set
 from trainer.model import AlexNet, AlexNetConfig

@@ -4,7 +4,6 @@ installs them."""
 
 from __future__ import annotations
 
-import io
 import shutil
 
 import pytest

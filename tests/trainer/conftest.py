@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from deploy.demo import free_port, ray_head_ports
+from deploy.steps import free_port, ray_head_ports
 
 VENV_BIN = Path(sys.executable).parent
 

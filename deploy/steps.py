@@ -1,0 +1,83 @@
+"""Steps shared by the one-machine demo (deploy.demo) and the compose job (deploy.job):
+running a stage's command, waiting for a service, submitting a Ray job, stopping what we
+started. Standard library only, so the image needs no test client to run them."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+log = logging.getLogger("deploy")
+PY = sys.executable
+RAY = str(Path(sys.executable).parent / "ray")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stage(title: str) -> None:
+    log.info("==== %s", title)
+
+
+def run(cmd: list[str], **kw) -> None:
+    log.info("$ %s", " ".join(cmd))
+    subprocess.run(cmd, check=True, **kw)
+
+
+def wait_until(check, timeout: float, what: str, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{what}: the process exited with status {proc.returncode}")
+        if check():
+            return
+        time.sleep(1)
+    raise RuntimeError(f"timed out waiting for {what}")
+
+
+def ray_head_ports() -> list[str]:
+    """Every port the head listens on, picked free: a second Ray on this machine (the user's
+    own, or a test's) must not collide with ours on a default port."""
+    names = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+             "runtime-env-agent-port", "node-manager-port", "object-manager-port", "ray-client-server-port")
+    return [f"--{name}={free_port()}" for name in names]
+
+
+def submit_job(address: str, entrypoint: list[str], env: dict, attempts: int = 20) -> None:
+    """`ray job submit` (blocking, output streamed). The job agent can come up a little
+    after the job API answers ("No available agent"): that submission never started a
+    job, so it is retried; any other failure is the job's own and is raised."""
+    cmd = [RAY, "job", "submit", "--address", address, "--", *entrypoint]
+    log.info("$ %s", " ".join(cmd))
+    for attempt in range(attempts):
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        lines = []
+        for line in proc.stdout:
+            sys.stderr.write(line)
+            lines.append(line)
+        if proc.wait() == 0:
+            return
+        if not any("No available agent" in line for line in lines[-20:]):
+            raise subprocess.CalledProcessError(proc.returncode, cmd)
+        log.info("job agent not ready yet; submitting again (%d/%d)", attempt + 2, attempts)
+        time.sleep(3)
+    raise RuntimeError("the Ray job agent never became ready")
+
+
+def stop_group(proc: subprocess.Popen) -> None:
+    """Stop a process we started in its own group (never `ray stop`: it kills every Ray here)."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
