@@ -9,6 +9,7 @@ import pytest
 
 from pipeline.sample import SampleConfig, generate
 from pipeline.shard import ShardConfig, run
+from tests.raycluster import ray_cluster  # noqa: F401  (a session fixture: one Ray for every test)
 
 SHARD_SIZE = 64  # small shards so the 300-image sample set spans several of them
 

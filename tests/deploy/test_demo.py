@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from tests.pipeline.test_shard import REPO
-from tests.trainer.conftest import ray_env
+from tests.raycluster import ray_env
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,4 @@
-"""A real Ray cluster for the training tests: `ray start --head` on free loopback ports,
+"""A real Ray cluster for the training and deploy tests (registered in tests/conftest.py): `ray start --head` on free loopback ports,
 shared by the whole test session (a 2-worker fit costs ~20 s of start-up and ~2 GB), and
 stopped by its own process group, never with `ray stop` (which kills every Ray on the host)."""
 
