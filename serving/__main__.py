@@ -26,6 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-wait-ms", type=float)
     p.add_argument("--no-batching", dest="batching", action="store_const", const=False, default=None)
     p.add_argument("--max-upload-bytes", type=int)
+    p.add_argument("--watch-s", type=float,
+                   help="with a run folder: switch to a newer checkpoint when one appears, checking every N s")
     a = p.parse_args(argv)
 
     import uvicorn
@@ -36,8 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     from trainer.runfolder import latest_checkpoint
 
     settings = Settings.from_env(**{k: v for k, v in vars(a).items() if v is not None})
-    checkpoint = settings.checkpoint
+    checkpoint, run_dir = settings.checkpoint, None
     if checkpoint.is_dir() and not (checkpoint / "model.json").exists():
+        run_dir = checkpoint
         newest = latest_checkpoint(checkpoint)
         if newest is not None:
             checkpoint = newest
@@ -48,10 +51,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from dataclasses import replace
 
-    settings = replace(settings, checkpoint=checkpoint)
-    log.info("serving %s on http://%s:%d (batching %s, max batch %d, auth %s)", checkpoint, settings.host,
+    settings = replace(settings, checkpoint=checkpoint, run_dir=run_dir)
+    log.info("serving %s on http://%s:%d (batching %s, max batch %d, auth %s, %s)", checkpoint, settings.host,
              settings.port, "on" if settings.batching else "off", settings.max_batch,
-             "on" if settings.token else "off")
+             "on" if settings.token else "off",
+             f"newer checkpoints of {run_dir} every {settings.watch_s:g} s" if run_dir and settings.watch_s > 0
+             else "this checkpoint only")
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
     return 0
 

@@ -6,6 +6,7 @@
     POST /similar   image -> the nearest indexed images by Euclidean fc7 distance (?k=6)
     POST /index     ?path=...: (re)build the retrieval index (only under settings.index_roots)
     GET  /health    alive;  GET /ready: model loaded;  GET /metrics: Prometheus
+    With settings.watch_s and a run folder, a newer checkpoint is picked up without a restart.
     GET  /          a small page: pick or drop an image, see the top-5 as bars
 
 Every client error is a 4xx JSON body {"error": ..., "detail": ...}; the server stays up.
@@ -14,6 +15,7 @@ Every client error is a 4xx JSON body {"error": ..., "detail": ...}; the server 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 from contextlib import asynccontextmanager
@@ -32,6 +34,7 @@ from serving.settings import Settings
 
 STATIC = Path(__file__).parent / "static"
 RAW_TYPES = ("image/", "application/octet-stream")
+log = logging.getLogger("serving")
 
 
 class ApiError(Exception):
@@ -54,13 +57,52 @@ class Metrics:
                                  registry=self.registry)
         self.batch_size = Histogram("alexnet_batch_size", "Images per forward pass",
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=self.registry)
+        self.reloads = Counter("alexnet_checkpoint_reloads", "Switches to a newer checkpoint of the run",
+                               registry=self.registry)
 
 
 async def build_index_async(app: FastAPI, path: Path, split: str):
     from serving.retrieval import build_index
 
-    app.state.index = await asyncio.to_thread(build_index, path, app.state.predictor, split)
-    return app.state.index
+    predictor = app.state.predictor
+    index = await asyncio.to_thread(build_index, path, predictor, split)
+    if app.state.predictor is predictor:  # else the model changed meanwhile: a newer build is on its way
+        app.state.index = index
+    return index
+
+
+async def watch_checkpoints(app: FastAPI, settings: Settings) -> None:
+    """Switch to the run folder's newest checkpoint whenever one appears (training goes on
+    beside serving). A checkpoint that fails to load or changes preprocessing is skipped
+    with a warning; the one being served stays."""
+    from trainer.runfolder import latest_checkpoint
+
+    failed: set[Path] = set()
+    while True:
+        await asyncio.sleep(settings.watch_s)
+        newest = await asyncio.to_thread(latest_checkpoint, settings.run_dir)
+        current = Path(app.state.predictor.identity["checkpoint"])
+        if newest is None or newest.resolve() == current or newest in failed:
+            continue
+        try:
+            predictor = await asyncio.to_thread(Predictor, newest, settings.device, settings.max_pixels,
+                                                settings.max_side)
+        except Exception as exc:  # e.g. deleted by num_to_keep while loading: try the next one
+            log.warning("not switching to %s: %s", newest, exc)
+            failed.add(newest)
+            continue
+        if predictor.signature != app.state.predictor.signature:
+            log.warning("not switching to %s: its classes or preprocessing differ from %s", newest, current)
+            failed.add(newest)
+            continue
+        # One assignment, no await in between: each request sees the old model or the new one.
+        app.state.predictor = predictor
+        app.state.metrics.reloads.inc()
+        log.info("now serving %s (epoch %s)", newest, predictor.identity["epoch"])
+        index = app.state.index
+        if index is not None:  # fc7 distances only mean something within one model: re-embed
+            app.state.index = None
+            app.state.indexing = asyncio.create_task(build_index_async(app, Path(index.source), index.split))
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -69,19 +111,24 @@ def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         # Loading fails loudly (missing, incomplete or mismatched checkpoint): no half-up server.
-        predictor = await asyncio.to_thread(Predictor, settings.checkpoint, settings.device, settings.max_pixels,
-                                            settings.max_side)
-        batcher = MicroBatcher(predictor.forward, settings.max_batch, settings.max_wait_ms, settings.batching,
-                               on_batch=metrics.batch_size.observe)
+        app.state.predictor = await asyncio.to_thread(Predictor, settings.checkpoint, settings.device,
+                                                      settings.max_pixels, settings.max_side)
+        # The batcher runs whichever model is current when a batch goes out (see watch_checkpoints).
+        batcher = MicroBatcher(lambda crops: app.state.predictor.forward(crops), settings.max_batch,
+                               settings.max_wait_ms, settings.batching, on_batch=metrics.batch_size.observe)
         await batcher.start()
-        app.state.predictor, app.state.batcher = predictor, batcher
+        app.state.batcher = batcher
         app.state.index = None
-        indexing = None
+        app.state.indexing = None
         if settings.index is not None:  # in the background: /ready does not wait for it
-            indexing = asyncio.create_task(build_index_async(app, settings.index, settings.index_split))
+            app.state.indexing = asyncio.create_task(build_index_async(app, settings.index, settings.index_split))
+        watcher = None
+        if settings.watch_s > 0 and settings.run_dir is not None:
+            watcher = asyncio.create_task(watch_checkpoints(app, settings))
         yield
-        if indexing is not None:
-            indexing.cancel()
+        for task in (watcher, app.state.indexing):
+            if task is not None:
+                task.cancel()
         await batcher.stop()
 
     app = FastAPI(title="AlexNet (Krizhevsky et al. 2012)", version="0.1.0", lifespan=lifespan,

@@ -43,6 +43,13 @@ class Predictor:
                          "val_top1_error": (self.meta.get("metrics") or {}).get("val_top1_error")}
         self._lock = threading.Lock()  # one forward at a time; batching provides the parallelism
 
+    @property
+    def signature(self) -> tuple:
+        """Everything preprocessing and the answer's labels depend on. A new checkpoint with
+        the same signature can take over requests already preprocessed for this one."""
+        return (self.input_size, self.quality, tuple(self.norm.mean), tuple(self.norm.std),
+                tuple(c["wnid"] for c in self.classes))
+
     def preprocess(self, data: bytes, ten_crop: bool = False) -> np.ndarray:
         """Bytes -> (1 or 10, 3, S, S) float32. Raises ImageError for unusable input."""
         header = open_image(data, max_pixels=self.max_pixels, allowed_formats=ACCEPTED_FORMATS,

@@ -30,6 +30,7 @@ class Index:
     keys: list[str]
     origins: list[str]  # file path, or "shard.tar:key"
     vectors: torch.Tensor  # (N, 4096) float32
+    split: str = "val"  # of a shard set (ignored for a folder)
 
     def nearest(self, query: torch.Tensor, k: int) -> list[dict]:
         distances = torch.cdist(query.reshape(1, -1).float(), self.vectors)[0]
@@ -89,4 +90,4 @@ def build_index(path: Path, predictor, split: str = "val", batch: int = 32, limi
     if not keys:
         raise ValueError(f"no images found to index at {path}")
     log.info("indexed %d images from %s", len(keys), path)
-    return Index(source=str(path), keys=keys, origins=origins, vectors=torch.cat(chunks))
+    return Index(source=str(path), keys=keys, origins=origins, vectors=torch.cat(chunks), split=split)

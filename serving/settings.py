@@ -29,6 +29,10 @@ class Settings:
     # Roots under which POST /index may index on request (os.pathsep-separated); empty = off,
     # since it makes the server read files from its own disk.
     index_roots: str = ""
+    # Given a run folder: look for a newer checkpoint every watch_s seconds (0 = never) and
+    # switch to it without a restart (training and serving side by side).
+    watch_s: float = 0.0
+    run_dir: Path | None = None  # set by `python -m serving` when --checkpoint is a run folder
 
     @classmethod
     def from_env(cls, **overrides) -> "Settings":

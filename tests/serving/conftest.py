@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -22,27 +23,30 @@ REPO = Path(__file__).resolve().parents[2]
 UPLOAD_LIMIT = 300_000
 
 
-@pytest.fixture(scope="session")
-def checkpoint(shard_set, tmp_path_factory) -> Path:
+def make_checkpoint(shard_set, folder: Path, seed: int = 0, epoch: int = 1, divide_by_std: bool = True) -> Path:
+    """A checkpoint written by the trainer's own save function, with freshly initialised weights."""
     out, manifest = shard_set
     shards = open_shard_set(out)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = AlexNet(AlexNetConfig(num_classes=shards.num_classes, init="kaiming")).eval()
-    folder = tmp_path_factory.mktemp("ckpt") / "checkpoint_0001"
-    save(folder, model, classes=manifest["classes"], normalization=shards.normalization(divide_by_std=True),
-         epoch=1, metrics={"val_top1_error": 0.9},
+    save(folder, model, classes=manifest["classes"], normalization=shards.normalization(divide_by_std=divide_by_std),
+         epoch=epoch, metrics={"val_top1_error": 0.9},
          extra={"shards": {"jpeg_quality": manifest["jpeg_quality"], "image_size": manifest["image_size"]}})
     return folder
 
 
 @pytest.fixture(scope="session")
-def server(checkpoint, tmp_path_factory):
+def checkpoint(shard_set, tmp_path_factory) -> Path:
+    return make_checkpoint(shard_set, tmp_path_factory.mktemp("ckpt") / "checkpoint_0001")
+
+
+@contextmanager
+def running_server(args: list[str], log: Path, env: dict | None = None):
+    """`python -m serving ARGS` on a free port; yields its URL once /ready answers 200."""
     port = free_port()
-    env = dict(os.environ, ALEXNET_MAX_UPLOAD_BYTES=str(UPLOAD_LIMIT), ALEXNET_MAX_WAIT_MS="20")
-    log = tmp_path_factory.mktemp("serve") / "server.log"
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "serving", "--checkpoint", str(checkpoint), "--port",
-                                 str(port)], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen([sys.executable, "-m", "serving", *args, "--port", str(port)], cwd=REPO,
+                                env=env or dict(os.environ), stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
@@ -62,3 +66,11 @@ def server(checkpoint, tmp_path_factory):
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+@pytest.fixture(scope="session")
+def server(checkpoint, tmp_path_factory):
+    env = dict(os.environ, ALEXNET_MAX_UPLOAD_BYTES=str(UPLOAD_LIMIT), ALEXNET_MAX_WAIT_MS="20")
+    log = tmp_path_factory.mktemp("serve") / "server.log"
+    with running_server(["--checkpoint", str(checkpoint)], log, env) as url:
+        yield url
