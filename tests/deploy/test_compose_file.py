@@ -95,6 +95,9 @@ def test_gpu_override_gives_the_workers_gpus_in_pairs(gpu):
     device = worker["deploy"]["resources"]["reservations"]["devices"][0]
     assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
     assert gpu["services"]["job"]["environment"]["JOB_GPUS_PER_WORKER"] == "${GPUS_PER_WORKER:-2}"
+    # Its own tag on every service: a GPU build never replaces the CPU image, nor is mixed with it.
+    assert {s["image"] for s in gpu["services"].values()} == {"${ALEXNET_IMAGE:-alexnet-2012:gpu}"}
+    assert set(gpu["services"]) == {"ray-token", "ray-head", "ray-worker", "job", "api"}
 
 
 def test_dockerfile_runs_as_a_non_root_user_on_a_public_base_by_default():
