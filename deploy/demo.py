@@ -23,7 +23,8 @@ from pathlib import Path
 
 import httpx
 
-from deploy.steps import PY, RAY, free_port, ray_head_ports, run, stage, stop_group, submit_job, wait_until
+from deploy.steps import (PY, RAY, free_port, ray_head_ports, ray_job_api_up, run, stage, stop_group, submit_job,
+                          wait_until)
 
 log = logging.getLogger("deploy.demo")
 
@@ -64,8 +65,7 @@ def main(argv: list[str] | None = None) -> int:
                             env=env, stdout=ray_log, stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{dash}"
     try:
-        wait_until(lambda: subprocess.run([RAY, "job", "list", "--address", address], env=env,
-                                          capture_output=True).returncode == 0, 180, "the Ray head", head)
+        wait_until(lambda: ray_job_api_up(address, env), 180, "the Ray head", head)
         log.info("Ray head up: job API %s (loopback only)", address)
         submit_job(address, [PY, "-m", "trainer.run", "--data", str(shards), "--preset", "sample", "--workers",
                              str(cfg.workers), "--epochs", str(cfg.epochs), "--storage-path", str(runs),

@@ -14,13 +14,12 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from deploy.steps import PY, RAY, run, stage, submit_job, wait_until
+from deploy.steps import PY, ray_job_api_up, run, stage, submit_job, wait_until
 
 log = logging.getLogger("deploy.job")
 ENV_PREFIX = "JOB_"
@@ -65,10 +64,6 @@ def parse_args(argv: list[str] | None = None, environ: dict | None = None) -> Jo
                        help=f"(env {env})")
     a = p.parse_args(argv)
     return JobConfig(**vars(a))
-
-
-def ray_job_api_up(address: str, env: dict) -> bool:
-    return subprocess.run([RAY, "job", "list", "--address", address], env=env, capture_output=True).returncode == 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -52,6 +52,11 @@ def ray_head_ports() -> list[str]:
     return [f"--{name}={free_port()}" for name in names]
 
 
+def ray_job_api_up(address: str, env: dict) -> bool:
+    """The Ray job API at `address` answers (`ray job list`, with the token auth in `env`)."""
+    return subprocess.run([RAY, "job", "list", "--address", address], env=env, capture_output=True).returncode == 0
+
+
 def submit_job(address: str, entrypoint: list[str], env: dict, attempts: int = 20) -> None:
     """`ray job submit` (blocking, output streamed). The job agent can come up a little
     after the job API answers ("No available agent"): that submission never started a
