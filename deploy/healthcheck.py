@@ -1,4 +1,5 @@
-"""`python -m deploy.healthcheck CHECK`: the compose services' healthchecks.
+"""`python -m deploy.healthcheck CHECK`: the compose services' healthchecks, and the probes of
+the Ray pods on Kubernetes (deploy/k8s: KubeRay's own probes call wget, which the image lacks).
 
     ray-jobs URL   the Ray job API answers at URL (with the cluster's token when auth is on)
     raylet         a raylet runs in this container (a Ray node that has joined its cluster)
