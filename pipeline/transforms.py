@@ -64,6 +64,11 @@ class Lighting:
         """lambda_k on the [0, 1] scale expressed in 0-255 output units: shift = P^T (alpha * w)."""
         return np.asarray(self.eigenvalues, dtype=np.float64) / PCA_PIXEL_SCALE
 
+    def shift(self, alpha: np.ndarray) -> np.ndarray:
+        """The RGB shift (0-255 units) for draws alpha (..., 3): sum_k p_k * alpha_k * w_k,
+        one row per image. The DALI pipeline computes the same sum in its graph."""
+        return (np.asarray(alpha, dtype=np.float64) * self.shift_weights()) @ np.asarray(self.eigenvectors, np.float64)
+
     def shift_covariance(self) -> np.ndarray:
         """Covariance of the added RGB shift over draws: P^T diag((alpha_std * w)^2) P."""
         p = np.asarray(self.eigenvectors, dtype=np.float64)
