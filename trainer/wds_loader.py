@@ -96,7 +96,8 @@ def epoch_order(counts: list[int] | np.ndarray, *, seed: int, epoch: int, rank: 
     mine = sequence[total * rank // world: total * (rank + 1) // world].copy()
     if shuffle:
         rng = np.random.default_rng(np.random.SeedSequence(epoch_seed(seed, epoch, rank), spawn_key=(_PERMUTE,)))
-        for lo in range(0, len(mine), max(1, window)):
+        window = max(1, window)
+        for lo in range(0, len(mine), window):
             mine[lo:lo + window] = rng.permutation(mine[lo:lo + window])
     return mine
 
@@ -139,8 +140,8 @@ class ShardIndex:
     def counts(self) -> np.ndarray:
         return np.diff(self.first)
 
-    def shard_of(self, sample: int) -> int:
-        return int(np.searchsorted(self.first, sample, side="right") - 1)
+    def shard_of(self, samples: np.ndarray) -> np.ndarray:
+        return np.searchsorted(self.first, samples, side="right") - 1
 
 
 def key_crc(key: str) -> int:
@@ -203,21 +204,15 @@ class _Batches(IterableDataset):
         consecutive samples in one shard are read in one piece."""
         got: dict[int, dict] = {}
         ordered = np.sort(samples)
-        runs = np.split(ordered, np.flatnonzero(np.diff(ordered) != 1) + 1)
-        for run in runs:
-            lo, hi = int(run[0]), int(run[-1])
-            shard = self.index.shard_of(lo)
-            if self.index.shard_of(hi) != shard:  # a run crossing a shard boundary: split it
-                cut = int(self.index.first[shard + 1])
-                parts = [(lo, cut - 1), (cut, hi)]
-            else:
-                parts = [(lo, hi)]
-            for a, b in parts:
-                got.update(zip(range(a, b + 1), self._read_run(a, b)))
+        shards = self.index.shard_of(ordered)
+        breaks = np.flatnonzero((np.diff(ordered) != 1) | (np.diff(shards) != 0)) + 1
+        for run, shard in zip(np.split(ordered, breaks), np.split(shards, breaks)):
+            a, b = int(run[0]), int(run[-1])
+            got.update(zip(range(a, b + 1), self._read_run(int(shard[0]), a, b)))
         return [got[int(s)] for s in samples]
 
-    def _read_run(self, a: int, b: int) -> list[dict]:
-        tar = self.index.tars[self.index.shard_of(a)]
+    def _read_run(self, shard: int, a: int, b: int) -> list[dict]:
+        tar = self.index.tars[shard]
         start, stop = int(self.index.begin[a]), int(self.index.end[b])
         with open(tar, "rb") as f:
             f.seek(start)

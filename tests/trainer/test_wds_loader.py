@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.shard import run
 from pipeline.transforms import eval_crops
+from tests.conftest import shard_config
 from tests.trainer.conftest import truth
 from trainer.data import DataConfig, ShardSetError, open_shard_set
 from trainer.wds_loader import WdsLoader, epoch_order, epoch_seed
@@ -102,6 +104,24 @@ def test_every_sample_once_per_epoch_for_any_number_of_ranks(counts):
                 assert max(map(len, parts)) - min(map(len, parts)) <= 1
     with pytest.raises(ShardSetError, match="at least one"):
         epoch_order(counts, seed=0, epoch=0, rank=0, world=total + 1, shuffle=True, window=50)
+
+
+def test_batches_read_across_many_tiny_shards(flat_shards, tmp_path):
+    """Batches whose samples span many shards (here one or three samples per tar) read the
+    same samples as one big shard."""
+    reference = {k: img for images, _, keys in WdsLoader(flat_shards, "train", cfg(mode="center", num_threads=0))
+                 for img, k in zip(images, keys)}
+    for per_shard in (1, 3):
+        run(shard_config(flat_shards.root.parent / "raw", tmp_path / str(per_shard), workers=1,
+                         samples_per_shard=per_shard))
+        tiny = open_shard_set(tmp_path / str(per_shard), 227)
+        assert len(tiny.files("train")[0]) == -(-64 // per_shard)
+        for mode in ("center", "train"):
+            got = {k: img for images, _, keys in WdsLoader(tiny, "train", cfg(mode=mode, num_threads=0))
+                   for img, k in zip(images, keys)}
+            assert sorted(got) == sorted(reference)
+            if mode == "center":
+                assert all(torch.equal(got[k], reference[k]) for k in got)
 
 
 def test_shuffle_windows_and_shard_order():
