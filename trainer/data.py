@@ -164,9 +164,12 @@ def _pipeline_fn(tars, idxs, cfg: DataConfig, image_size: int, decoder: str, nor
             mean = mean - (w[0] * p[0] + w[1] * p[1] + w[2] * p[2])
         # Full decode + crop in CMN: measured faster on CPU than ROI decoding (image_crop)
         # of 227 out of 256, whose partial-scanline decode costs more than the margins.
+        # Every pixel offset equally likely: a continuous uniform crop_pos would be rounded
+        # to an offset, which gives the first and last offsets half the chance of the others.
+        offsets = [_crop_pos(k, image_size, cfg.input_size) for k in range(image_size - cfg.input_size + 1)]
         out = fn.crop_mirror_normalize(
-            images, crop=crop, crop_pos_x=fn.random.uniform(range=(0.0, 1.0)),
-            crop_pos_y=fn.random.uniform(range=(0.0, 1.0)), mirror=fn.random.coin_flip(probability=0.5),
+            images, crop=crop, crop_pos_x=fn.random.uniform(values=offsets),
+            crop_pos_y=fn.random.uniform(values=offsets), mirror=fn.random.coin_flip(probability=0.5),
             mean=mean, std=std, dtype=out_dtype, output_layout="CHW")
     else:
         # The same boxes as serving's numpy path (pipeline.transforms), as DALI crop positions.
