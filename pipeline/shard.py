@@ -25,16 +25,13 @@ from tqdm import tqdm
 from pipeline.layouts import LayoutError, SourceSet, detect
 from pipeline.preprocess import (DEFAULT_JPEG_QUALITY, DEFAULT_MAX_PIXELS, OUTPUT_SIZE, ImageError, encode_jpeg,
                                  prepare_image)
+from pipeline.shardset import FORMAT, FORMAT_VERSION, MANIFEST, SPLITS, STATS, index_path_for, shard_glob
 from pipeline.stats import PixelMoments, rgb_stats
 from pipeline.writer import STATE_DIR, Sample, ShardSpec, write_atomic, write_shard
-from pipeline.wds import index_path_for, unique_keys
+from pipeline.wds import unique_keys
 
 log = logging.getLogger("pipeline.shard")
 
-MANIFEST = "manifest.json"
-STATS = "stats.json"
-FORMAT = "alexnet-2012/webdataset-shards"
-FORMAT_VERSION = 1
 # 2048 samples of ~25-30 KB: ~55 MB tars, ~626 train + 25 val shards for ILSVRC-2012.
 # Big enough for fast sequential reads, small enough that a restart loses little work and
 # that hundreds of data-parallel workers each get whole shards.
@@ -103,7 +100,7 @@ def plan(source: SourceSet, config: ShardConfig) -> tuple[list[ShardSpec], int]:
     per_shard = config.samples_per_shard
     if config.shard_mb is not None:
         per_shard = _samples_per_shard_for_bytes(source, config)
-    specs = [spec for split in ("train", "val") if split in source.files
+    specs = [spec for split in SPLITS if split in source.files
              for spec in _plan_split(source, split, config, per_shard)]
     return specs, per_shard
 
@@ -155,7 +152,7 @@ def _run_ray(specs: list[ShardSpec], address: str) -> Iterator[dict]:
 
 
 def _clean_temporaries(out: Path) -> None:
-    for folder in (out / "train", out / "val", out / STATE_DIR / "train", out / STATE_DIR / "val", out):
+    for folder in [out / split for split in SPLITS] + [out / STATE_DIR / split for split in SPLITS] + [out]:
         if folder.is_dir():
             for p in folder.glob(".*.tmp"):
                 p.unlink(missing_ok=True)
@@ -164,8 +161,8 @@ def _clean_temporaries(out: Path) -> None:
 def _remove_stale(out: Path, specs: list[ShardSpec]) -> None:
     """Shards left by an earlier run with another plan would otherwise mix into the set."""
     wanted = {s.tar_path for s in specs}
-    for split in ("train", "val"):
-        for tar in (out / split).glob("imagenet-*.tar") if (out / split).is_dir() else []:
+    for split in SPLITS:
+        for tar in (out / split).glob(shard_glob(split)) if (out / split).is_dir() else []:
             if tar not in wanted:
                 tar.unlink()
                 index_path_for(tar).unlink(missing_ok=True)

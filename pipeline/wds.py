@@ -117,6 +117,3 @@ def write_index_with_dali(tar_path: Path, idx_path: Path) -> bool:
         creator.create_index()
     return True
 
-
-def index_path_for(tar_path: Path) -> Path:
-    return tar_path.with_suffix(".idx")

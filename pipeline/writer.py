@@ -17,7 +17,8 @@ from pathlib import Path
 
 from pipeline.preprocess import ImageError, encode_jpeg, prepare_image
 from pipeline.stats import PixelMoments
-from pipeline.wds import ShardTarWriter, index_path_for, write_index_with_dali
+from pipeline.shardset import TAR_SUFFIX, index_path_for, shard_name
+from pipeline.wds import ShardTarWriter, write_index_with_dali
 
 STATE_DIR = ".state"
 
@@ -46,11 +47,11 @@ class ShardSpec:
 
     @property
     def name(self) -> str:
-        return f"imagenet-{self.split}-{self.index:06d}"
+        return shard_name(self.split, self.index)
 
     @property
     def tar_path(self) -> Path:
-        return Path(self.out_dir) / self.split / f"{self.name}.tar"
+        return Path(self.out_dir) / self.split / f"{self.name}{TAR_SUFFIX}"
 
     @property
     def record_path(self) -> Path:
