@@ -22,6 +22,7 @@ bicubic and a Lanczos reference on chessboards, a dithered scan, small text and 
 
 from __future__ import annotations
 
+import functools
 import math
 
 import cv2
@@ -39,8 +40,10 @@ def centre_square(width: int, height: int) -> tuple[int, int, int]:
     return (width - side) // 2, (height - side) // 2, side
 
 
+@functools.lru_cache(maxsize=1024)
 def lanczos_kernel(ratio: float) -> np.ndarray:
-    """The Lanczos-3 kernel stretched by `ratio`, sampled at whole pixels, summing to 1."""
+    """The Lanczos-3 kernel stretched by `ratio`, sampled at whole pixels, summing to 1.
+    (Cached: the returned array is shared, never modify it.)"""
     radius = math.ceil(LANCZOS_LOBES * ratio) - 1
     x = np.arange(-radius, radius + 1, dtype=np.float64) / ratio
     k = np.sinc(x) * np.sinc(x / LANCZOS_LOBES)
@@ -59,9 +62,12 @@ def antialias(square: np.ndarray, size: int) -> np.ndarray:
 def resize_square(square: np.ndarray, size: int) -> np.ndarray:
     """A square numpy image (any channel count, uint8) -> size x size; growing is a plain
     cubic interpolation."""
-    square = np.ascontiguousarray(square)
     if square.shape[0] == size:
-        return square
+        return np.ascontiguousarray(square)
+    packed_rows = square.strides[-1] == square.itemsize and (
+        square.ndim == 2 or square.strides[1] == square.itemsize * square.shape[2])
+    if not packed_rows:  # OpenCV takes row-strided views (a crop), not other layouts
+        square = np.ascontiguousarray(square)
     return cv2.resize(antialias(square, size), (size, size), interpolation=cv2.INTER_CUBIC)
 
 
