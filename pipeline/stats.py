@@ -7,10 +7,10 @@ Which pixels: of every prepared 256x256 training image (the pixels before JPEG e
 the fixed grid of rows and columns 2, 6, 10, ..., 254 (`GRID_STEP` 4 from `GRID_OFFSET` 2):
 4,096 pixels an image, 1/16 of them, 5.2 billion over ILSVRC-2012's 1.28 M images. Over all
 65,536 pixels the accumulation cost as much as decoding, resizing and encoding together; on
-the grid it is ~2% of the per-image time, and neighbouring pixels add almost no information
-to a training-set mean and covariance (tests/pipeline/test_stats.py holds both: the grid
-moments equal a direct float64 computation on the same pixels, and are close to the moments
-of every pixel).
+the grid it is 3-6% of the command's per-image time on 640x480-class photos
+(benchmarks/shard.py), and neighbouring pixels add almost no information to a training-set
+mean and covariance (tests/pipeline/test_stats.py holds both: the grid moments equal a direct
+float64 computation on the same pixels, and are close to the moments of every pixel).
 
 Exact accumulation: per image the integer sums of x and of x x^T over its grid pixels (every
 partial sum < 2**53, so the float64 products round back to the exact integers), summed as
