@@ -22,7 +22,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from benchmarks.grouped_alexnet import GroupedAlexNet
+from trainer.grouped_model import GroupedAlexNet
 from trainer.model import AlexNet, AlexNetConfig
 
 
