@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from tests.pipeline.test_shard import REPO
+from tests.helpers import REPO
 from tests.raycluster import ray_env
 
 pytestmark = pytest.mark.slow

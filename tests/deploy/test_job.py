@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from deploy.job import JobConfig, parse_args
-from tests.pipeline.test_shard import REPO
+from tests.helpers import REPO
 from trainer.run import parse_args as train_parse_args
 
 

@@ -18,7 +18,7 @@ from PIL import Image
 
 from serving.app import create_app
 from serving.settings import Settings
-from tests.pipeline.test_shard import REPO
+from tests.helpers import REPO
 from tests.serving.conftest import UPLOAD_LIMIT
 from trainer.checkpoint import CheckpointError, load_model
 

@@ -12,8 +12,7 @@ from PIL import Image
 
 from pipeline.shard import run
 from pipeline.transforms import Normalization
-from tests.conftest import shard_config
-from tests.pipeline.test_shard import read_tar
+from tests.helpers import read_tar, shard_config
 from trainer.data import open_shard_set
 
 

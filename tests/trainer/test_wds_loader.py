@@ -12,7 +12,7 @@ import torch
 
 from pipeline.shard import run
 from pipeline.transforms import eval_crops
-from tests.conftest import shard_config
+from tests.helpers import shard_config
 from tests.trainer.conftest import truth
 from trainer.data import DataConfig, ShardSetError, open_shard_set
 from trainer.wds_loader import WdsLoader, epoch_order, epoch_seed
