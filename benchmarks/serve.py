@@ -44,7 +44,7 @@ def make_checkpoint(folder: Path) -> Path:
     model = AlexNet(AlexNetConfig(num_classes=1000, init="kaiming")).eval()
     classes = [{"index": i, "wnid": f"n{i:08d}", "name": f"class {i}"} for i in range(1000)]
     return save(folder, model, classes=classes, normalization=Normalization((120.0, 115.0, 105.0)), epoch=0,
-                metrics={}, extra={"shards": {"jpeg_quality": 90}})
+                metrics={}, shards={"jpeg_quality": 90})
 
 
 def photos_as_requests(photos: Path) -> list[bytes]:

@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     from serving.app import create_app
     from serving.settings import Settings
     from trainer.checkpoint import CheckpointError, read_meta
-    from trainer.runfolder import latest_checkpoint
+    from trainer.checkpoint import latest_checkpoint
 
     settings = Settings.from_env(**{k: v for k, v in vars(a).items() if v is not None})
     checkpoint, run_dir = settings.checkpoint, None

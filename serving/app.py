@@ -75,7 +75,7 @@ async def watch_checkpoints(app: FastAPI, settings: Settings) -> None:
     """Switch to the run folder's newest checkpoint whenever one appears (training goes on
     beside serving). A checkpoint that fails to load or changes preprocessing is skipped
     with a warning; the one being served stays."""
-    from trainer.runfolder import latest_checkpoint
+    from trainer.checkpoint import latest_checkpoint
 
     failed: set[Path] = set()
     while True:

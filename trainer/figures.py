@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shards", type=Path, help="shard set for the retrieval sheet (its val split)")
     a = p.parse_args(argv)
     from trainer.checkpoint import CheckpointError, load_model
-    from trainer.runfolder import latest_checkpoint
+    from trainer.checkpoint import latest_checkpoint
 
     try:
         written = [plot_learning_curves(read_metrics(a.run), a.run / LEARNING_CURVES)]

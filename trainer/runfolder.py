@@ -1,7 +1,11 @@
-"""The run folder, `STORAGE_PATH/NAME/`: Ray Train's checkpoints plus our config.json and
-metrics.jsonl (one JSON object per epoch). STORAGE_PATH may be a local folder, a shared
-filesystem mounted on every node, or any URI pyarrow understands (s3://, gs://, hdfs://),
-the same storage Ray Train itself writes checkpoints to."""
+"""The run folder, `STORAGE_PATH/NAME/`: Ray Train's checkpoint folders (contract 2,
+trainer.checkpoint) plus our own files: config.json (the resolved config), config_changes.jsonl
+(what --allow-changes changed, and from which epoch), metrics.jsonl (one JSON object per
+epoch), latest_checkpoint.json (the newest complete checkpoint) and diverged.json (why the
+divergence guard stopped the run). STORAGE_PATH may be a local folder, a shared filesystem
+mounted on every node, or any URI pyarrow understands (s3://, gs://, hdfs://), the same
+storage Ray Train itself writes checkpoints to. Local readers that must not import pyarrow
+(serving) use trainer.checkpoint.latest_checkpoint."""
 
 from __future__ import annotations
 
@@ -12,9 +16,12 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
+from trainer.checkpoint import latest_checkpoint  # noqa: F401  (its home is trainer.checkpoint; kept for old callers)
+
 CONFIG = "config.json"
+CONFIG_CHANGES = "config_changes.jsonl"
 METRICS = "metrics.jsonl"
-CHECKPOINT_PREFIX = "checkpoint_"
+DIVERGED = "diverged.json"
 
 
 class RunFolder:
@@ -50,6 +57,22 @@ class RunFolder:
         except (FileNotFoundError, OSError):
             return None
 
+    def exists(self, rel: str = "") -> bool:
+        return self.fs.get_file_info(self._path(rel) if rel else self.root).type != pafs.FileType.NotFound
+
+    def delete(self, rel: str) -> None:
+        """Remove one file of the run folder, if it is there."""
+        if self.exists(rel):
+            self.fs.delete_file(self._path(rel))
+
+    def delete_all(self) -> None:
+        """Remove the whole run folder (--fresh)."""
+        if self.exists():
+            self.fs.delete_dir(self.root)
+
+    def append_text(self, rel: str, line: str) -> None:
+        self.write_text(rel, (self.read_text(rel) or "") + line)
+
     def metrics(self) -> list[dict]:
         text = self.read_text(METRICS) or ""
         return [json.loads(line) for line in text.splitlines() if line.strip()]
@@ -65,21 +88,3 @@ class RunFolder:
         self.write_text(METRICS, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
 
 
-RAY_CHECKPOINT_INDEX = "checkpoint_manager_snapshot.json"
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest checkpoint Ray Train has registered in a local run folder: listed in its
-    checkpoint_manager_snapshot.json (written only once a checkpoint is fully persisted) and
-    holding our files. A checkpoint_* folder that is not listed may be half-written: ignored."""
-    from trainer.checkpoint import META, WEIGHTS
-
-    try:
-        index = json.loads((Path(run_dir) / RAY_CHECKPOINT_INDEX).read_text())
-    except (OSError, ValueError):
-        return None
-    for entry in reversed(index.get("checkpoint_results", [])):
-        path = Path(run_dir) / entry.get("checkpoint_dir_name", "")
-        if path.name.startswith(CHECKPOINT_PREFIX) and (path / WEIGHTS).is_file() and (path / META).is_file():
-            return path
-    return None

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from deploy.steps import free_port
-from trainer.checkpoint import save
+from trainer.checkpoint import save, shards_meta
 from trainer.data import open_shard_set
 from trainer.model import AlexNet, AlexNetConfig
 
@@ -30,8 +30,7 @@ def make_checkpoint(shard_set, folder: Path, seed: int = 0, epoch: int = 1, divi
     torch.manual_seed(seed)
     model = AlexNet(AlexNetConfig(num_classes=shards.num_classes, init="kaiming")).eval()
     save(folder, model, classes=manifest["classes"], normalization=shards.normalization(divide_by_std=divide_by_std),
-         epoch=epoch, metrics={"val_top1_error": 0.9},
-         extra={"shards": {"jpeg_quality": manifest["jpeg_quality"], "image_size": manifest["image_size"]}})
+         epoch=epoch, metrics={"val_top1_error": 0.9}, shards=shards_meta(out, manifest), run=folder.parent.name)
     return folder
 
 
