@@ -53,6 +53,13 @@ def checkpoint_dir_name(epoch: int) -> str:
     return f"{CHECKPOINT_PREFIX}epoch_{epoch:04d}"
 
 
+def epoch_of(path: str | Path) -> int | None:
+    """The epoch in a checkpoint folder's name (checkpoint_epoch_NNNN), else None."""
+    name = Path(str(path)).name
+    prefix = f"{CHECKPOINT_PREFIX}epoch_"
+    return int(name[len(prefix):]) if name.startswith(prefix) and name[len(prefix):].isdigit() else None
+
+
 def unwrap(model: torch.nn.Module) -> AlexNet:
     """The AlexNet inside DDP / torch.compile wrappers."""
     while True:

@@ -14,6 +14,7 @@ import argparse
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -25,6 +26,16 @@ from trainer.engine import evaluate
 
 log = logging.getLogger("trainer.evaluate")
 MODES = {"center": "val", "ten_crop": "val10crop"}
+
+
+def _progress(loader: DaliLoader, mode: str, every_s: float = 30.0):
+    """The loader's batches, with a line every `every_s` seconds (50,000 images take a while)."""
+    total, last = len(loader), time.perf_counter()
+    for i, batch in enumerate(loader, 1):
+        if time.perf_counter() - last >= every_s:
+            last = time.perf_counter()
+            log.info("%s: batch %d/%d", mode, i, total)
+        yield batch
 
 
 def evaluate_checkpoint(checkpoint: Path | str, data: Path | str, *, split: str = "val", batch_size: int = 32,
@@ -45,7 +56,7 @@ def evaluate_checkpoint(checkpoint: Path | str, data: Path | str, *, split: str 
         loader = DaliLoader(shards, split, DataConfig(
             mode=mode, batch_size=batch_size, input_size=int(meta["input_size"]), num_threads=threads, device=kind,
             device_id=torch_device.index, normalization=Normalization.from_json(meta["normalization"])))
-        tally = evaluate(model, loader, device=torch_device)
+        tally = evaluate(model, _progress(loader, mode), device=torch_device)
         metrics = tally.metrics(MODES[mode])
         result.update({k.replace(f"{MODES[mode]}_", f"{mode}_"): v for k, v in metrics.items()})
     return result

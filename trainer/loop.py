@@ -135,13 +135,26 @@ def resume(state: State, folder: Path, cfg: TrainConfig, rank: int, devices: lis
     state.last_checkpoint = str(folder)
 
 
-def resume_source(cfg: TrainConfig):
-    """The checkpoint to resume from: the run's own newest (Ray's), else --resume PATH."""
+def resume_source(cfg: TrainConfig, run: RunFolder):
+    """The checkpoint to resume from: the run's newest, else --resume PATH.
+
+    The run's newest is the later of Ray's registered checkpoint and the one
+    latest_checkpoint.json names: a worker killed right after a checkpoint can restart before
+    Ray's controller has registered it, and the pointer is written only once every rank's
+    part is persisted."""
     import ray.train
 
-    own = ray.train.get_checkpoint()
-    if own is not None:
-        return own.as_directory(), own.path
+    candidates = []
+    registered = ray.train.get_checkpoint()
+    if registered is not None:
+        candidates.append((ckpt_io.epoch_of(registered.path) or 0, registered))
+    pointer = json.loads(run.read_text(ckpt_io.POINTER) or "{}")
+    if pointer.get("format") == ckpt_io.POINTER_FORMAT:
+        path = run.path(pointer["checkpoint"])
+        candidates.append((int(pointer["epoch"]), ray.train.Checkpoint(path=path, filesystem=run.fs)))
+    if candidates:
+        _, newest = max(candidates, key=lambda c: c[0])
+        return newest.as_directory(), newest.path
     if cfg.resume_from:
         path = ckpt_io.resolve(cfg.resume_from)
 
@@ -364,7 +377,7 @@ def train_loop_per_worker(config: dict) -> None:
     shards = open_shard_set(cfg.data, cfg.input_size)
     state = new_state(cfg, build_model(cfg, shards.num_classes, devices))
     seed_rank(cfg.seed, rank)
-    source, where = resume_source(cfg)
+    source, where = resume_source(cfg, run)
     if source is not None:
         with source as folder:
             resume(state, Path(folder), cfg, rank, devices)

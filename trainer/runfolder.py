@@ -37,12 +37,13 @@ class RunFolder:
     def local_path(self) -> Path | None:
         return Path(self.root) if isinstance(self.fs, pafs.LocalFileSystem) else None
 
-    def _path(self, rel: str) -> str:
+    def path(self, rel: str) -> str:
+        """A path inside the run folder, on self.fs."""
         return posixpath.join(self.root, rel)
 
     def write_text(self, rel: str, text: str) -> None:
         """Write then move into place: readers never see half a file."""
-        path = self._path(rel)
+        path = self.path(rel)
         folder, base = posixpath.split(path)
         self.fs.create_dir(folder, recursive=True)
         tmp = posixpath.join(folder, f".{base}.tmp")
@@ -52,18 +53,18 @@ class RunFolder:
 
     def read_text(self, rel: str) -> str | None:
         try:
-            with self.fs.open_input_stream(self._path(rel)) as f:
+            with self.fs.open_input_stream(self.path(rel)) as f:
                 return f.read().decode("utf-8")
         except (FileNotFoundError, OSError):
             return None
 
     def exists(self, rel: str = "") -> bool:
-        return self.fs.get_file_info(self._path(rel) if rel else self.root).type != pafs.FileType.NotFound
+        return self.fs.get_file_info(self.path(rel) if rel else self.root).type != pafs.FileType.NotFound
 
     def delete(self, rel: str) -> None:
         """Remove one file of the run folder, if it is there."""
         if self.exists(rel):
-            self.fs.delete_file(self._path(rel))
+            self.fs.delete_file(self.path(rel))
 
     def delete_all(self) -> None:
         """Remove the whole run folder (--fresh)."""

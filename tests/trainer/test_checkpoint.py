@@ -125,6 +125,7 @@ def test_latest_checkpoint_follows_the_pointer_only(tmp_path):
     assert ck.latest_checkpoint(tmp_path) is None  # nothing pointed at yet: nothing trusted
     (tmp_path / ck.POINTER).write_text(ck.pointer_json("checkpoint_epoch_0002", 2))
     assert ck.latest_checkpoint(tmp_path) == tmp_path / "checkpoint_epoch_0002"  # 3 exists, not pointed at
+    assert ck.epoch_of(ck.latest_checkpoint(tmp_path)) == 2 and ck.epoch_of(tmp_path / "checkpoint_x") is None
     assert ck.resolve(tmp_path) == tmp_path / "checkpoint_epoch_0002"
     assert ck.resolve(tmp_path / "checkpoint_epoch_0003") == tmp_path / "checkpoint_epoch_0003"
     (tmp_path / ck.POINTER).write_text(ck.pointer_json("checkpoint_epoch_0009", 9))  # gone (retention)

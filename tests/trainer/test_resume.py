@@ -152,6 +152,20 @@ def test_changed_settings_are_applied_with_allow_changes_and_recorded(runs):
     assert [g["lr"] for g in shared["optimizer"]["param_groups"]] == [0.001, 0.001]
 
 
+def test_retention_keeps_the_best_by_val_error_and_the_newest(runs):
+    """--keep-checkpoints 2 (the default): of the 4 epochs' checkpoints, the two with the lowest
+    val top-1 error stay, and the newest (the one latest_checkpoint.json names) always does."""
+    run = runs["storage"][1] / "stopped"
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    kept = {int(p.name.rsplit("_", 1)[1]) for p in run.glob("checkpoint_epoch_*")}
+    best = min(rows, key=lambda r: (r["val_top1_error"], r["epoch"]))["epoch"]
+    assert 4 in kept and best in kept and len(kept) <= 3, (kept, rows)
+    errors = [r["val_top1_error"] for r in rows]
+    if len(set(errors)) == len(errors):  # no ties: exactly the two best and the newest
+        assert kept == {r["epoch"] for r in sorted(rows, key=lambda r: r["val_top1_error"])[:2]} | {4}
+    assert latest_checkpoint(run).name == "checkpoint_epoch_0004"
+
+
 def test_changed_settings_are_refused_before_any_worker_starts_naming_each(runs):
     """fit() refuses before it even connects to Ray (no address is given here)."""
     data, storage = runs["data"][1], runs["storage"][1]
