@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -36,6 +37,17 @@ def test_demo_runs_end_to_end(tmp_path):
         png = (run / name).read_bytes()
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5_000, name
         assert Image.open(run / name).size == size, name
-    answer = json.loads((out / "prediction.json").read_text())
-    assert len(answer["predictions"]) == 5 and answer["checkpoint"]["epoch"] == 2
+    summary = json.loads((out / "prediction.json").read_text())
+    # every held-out image the sharder kept was answered; the served accuracy is the run's own
+    assert summary["answered"] == 99
+    assert summary["accuracy"] == pytest.approx(1 - rows[-1]["val_top1_error"], abs=0.011)
+    examples = summary["examples"]
+    assert len(examples) == 3 and len({e["true_wnid"] for e in examples}) == 3
+    for e in examples:  # right answers, shown as such, from the final checkpoint
+        assert e["predictions"][0]["wnid"] == e["true_wnid"] == Path(e["image"]).parent.name
+        assert e["checkpoint"]["epoch"] == 2 and len(e["predictions"]) == 5
+        assert f"curl -F file=@{e['image']} http://127.0.0.1:" in r.stderr  # (outside the cwd: absolute)
     assert "Ray head up" in r.stderr and "stopping Ray" in r.stderr
+    console = (r.stdout + r.stderr).split("\n")  # a progress bar's \r updates share one line
+    assert len(console) <= 100, "\n".join(console)  # two screens, start to end
+    assert "TrainingReport(" not in r.stderr and "Checkpoint successfully created" not in r.stderr
