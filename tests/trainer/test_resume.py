@@ -1,12 +1,17 @@
-"""Exact resume, the config-change refusal, the divergence guard and evaluation, with real Ray
-Train runs (the session's cluster) on tiny settings: 67x67 inputs (the smallest the layer
-arithmetic allows), a global batch of 16, three epochs of the 297 sample images."""
+"""Exact resume, the config-change refusal, the divergence guard, a killed worker, --resume and
+evaluation, with real Ray Train runs (the session's cluster) on tiny settings: 67x67 inputs
+(the smallest the layer arithmetic allows), a global batch of 16, the tiny shard set (one
+shard per split: two workers split its samples)."""
 
 from __future__ import annotations
 
 import json
+import os
+import re
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -14,24 +19,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import shard_config
 from tests.pipeline.test_shard import REPO
 from trainer.checkpoint import latest_checkpoint, read_meta
 from trainer.config import TrainConfig, with_preset
 from trainer.run import TrainSetupError, fit
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def one_shard_set(sample_root, tmp_path_factory) -> Path:
-    """The sample data in a single train shard: 2 workers must still work (DALI splits samples)."""
-    from pipeline.shard import run
-
-    out = tmp_path_factory.mktemp("one-shard") / "out"
-    manifest = run(shard_config(sample_root, out, samples_per_shard=1000))
-    assert manifest["splits"]["train"]["num_shards"] == 1
-    return out
 
 
 def tiny(data: Path, storage: Path, name: str, **kw) -> TrainConfig:
@@ -79,35 +72,42 @@ def identical(a, b) -> bool:
 
 
 @pytest.fixture(scope="module")
-def runs(ray_cluster, shard_set, one_shard_set, tmp_path_factory):
+def runs(ray_cluster, tiny_shard_set, shard_set, tmp_path_factory):
     """For 1 and 2 workers: an uninterrupted 3-epoch run, and the same run stopped after epoch 2
-    and resubmitted to epoch 3 (two workers read the one-shard set). Then a change applied
-    with --allow-changes and a run the divergence guard stops. Independent runs go side by
-    side, in three rounds."""
+    and resubmitted to epoch 3. Then, from the first round's runs: a run the divergence guard
+    stops, a new run continuing another's checkpoint with a changed lr (--resume,
+    --allow-changes), and a 2-worker run on the full sample set whose rank 1 is killed after
+    epoch 1 (its epochs last long enough for the kill to land mid-run). Independent runs go
+    side by side, in two rounds."""
     storage = tmp_path_factory.mktemp("runs")
-    data = {1: shard_set[0], 2: one_shard_set}
+    data = tiny_shard_set[0]
     s1, s2 = storage / "w1", storage / "w2"
 
-    def run(w: int, name: str, *args: str) -> subprocess.Popen:
-        return start(ray_cluster, data[w], s1 if w == 1 else s2, name, "--workers", str(w), *args)
+    def run(w: int, name: str, *args: str, shards: Path = data) -> subprocess.Popen:
+        return start(ray_cluster, shards, s1 if w == 1 else s2, name, "--workers", str(w), *args)
 
-    rounds = [together(run(1, "straight", "--epochs", "3"), run(1, "stopped", "--epochs", "2"),
-                       run(2, "straight", "--epochs", "3"))]
-    assert all(rc == 0 for rc, _ in rounds[0]), rounds[0]
-    after_2 = {1: final_state(s1 / "stopped")}
-    straight = {1: final_state(s1 / "straight"), 2: final_state(s2 / "straight")}
-    rounds.append(together(run(1, "stopped", "--epochs", "3"), run(2, "stopped", "--epochs", "2"),
-                           run(1, "straight", "--epochs", "5", "--lr", "30", "--print-freq", "2",
-                               "--allow-changes")))
-    assert [rc for rc, _ in rounds[1]] == [0, 0, 3], rounds[1]
-    after_2[2] = final_state(s2 / "stopped")
-    resumed = {1: final_state(s1 / "stopped")}
-    rounds.append(together(run(2, "stopped", "--epochs", "3"),
-                           run(1, "stopped", "--epochs", "4", "--lr", "0.001", "--allow-changes")))
-    assert all(rc == 0 for rc, _ in rounds[2]), rounds[2]
-    resumed[2] = final_state(s2 / "stopped")
-    return {"data": data, "storage": {1: s1, 2: s2}, "straight": straight, "after_2": after_2, "resumed": resumed,
-            "diverged": rounds[1][2][1]}
+    first = together(run(1, "straight", "--epochs", "3"), run(1, "stopped", "--epochs", "2"),
+                     run(2, "straight", "--epochs", "3"), run(2, "stopped", "--epochs", "2"))
+    assert all(rc == 0 for rc, _ in first), first
+    after_2 = {w: final_state((s1 if w == 1 else s2) / "stopped") for w in (1, 2)}
+    straight = {w: final_state((s1 if w == 1 else s2) / "straight") for w in (1, 2)}
+    procs = [run(1, "stopped", "--epochs", "3"), run(2, "stopped", "--epochs", "3"),
+             run(1, "straight", "--epochs", "5", "--lr", "30", "--print-freq", "2", "--allow-changes"),
+             run(1, "other", "--epochs", "4", "--resume", str(s1 / "straight" / "checkpoint_epoch_0003"), "--lr",
+                 "0.001", "--allow-changes"),
+             run(2, "killed", "--epochs", "4", "--print-freq", "5", shards=shard_set[0])]
+    killed = s2 / "killed"
+    deadline = time.monotonic() + 600
+    while latest_checkpoint(killed) is None:  # then kill rank 1 in epoch 2
+        assert time.monotonic() < deadline and procs[-1].poll() is None, "the killed run never saved epoch 1"
+        time.sleep(0.5)
+    victim = json.loads((killed / ".workers" / "rank1.json").read_text())["pid"]
+    os.kill(victim, signal.SIGKILL)
+    second = together(*procs)
+    assert [rc for rc, _ in second] == [0, 0, 3, 0, 0], second
+    return {"data": data, "manifest": tiny_shard_set[1], "storage": {1: s1, 2: s2}, "straight": straight,
+            "after_2": after_2, "resumed": {w: final_state((s1 if w == 1 else s2) / "stopped") for w in (1, 2)},
+            "victim": victim, "logs": {"diverged": second[2][1], "other": second[3][1], "killed": second[4][1]}}
 
 
 @pytest.fixture(params=[1, 2], ids=["1-worker", "2-workers"])
@@ -125,7 +125,7 @@ def test_a_stopped_and_resumed_run_ends_bitwise_equal_to_an_uninterrupted_one(ru
     drop = ("epoch_seconds", "eval_seconds", "images_per_s", "data_wait_share")
     rows = [[{k: v for k, v in r.items() if k not in drop} for r in run["metrics"]] for run in (straight, resumed)]
     assert rows[0] == rows[1] and [r["epoch"] for r in rows[1]] == [1, 2, 3]
-    assert straight["metrics"][-1]["train_images"] == 297
+    assert straight["metrics"][-1]["train_images"] == runs["manifest"]["splits"]["train"]["num_samples"]
 
 
 def test_every_rank_has_its_own_rng_streams_and_they_survive_a_resume(runs, workers):
@@ -141,47 +141,66 @@ def test_every_rank_has_its_own_rng_streams_and_they_survive_a_resume(runs, work
             assert not identical(a[key], b[key]), key
 
 
-def test_changed_settings_are_applied_with_allow_changes_and_recorded(runs):
-    run = runs["storage"][1] / "stopped"
+def test_a_killed_worker_is_replaced_and_training_resumes(runs):
+    log = runs["logs"]["killed"]
+    assert re.search(r"resuming from .* after epoch [1-3]", log), log[-3000:]
+    run = runs["storage"][2] / "killed"
+    assert json.loads((run / ".workers" / "rank1.json").read_text())["pid"] != runs["victim"]  # a new worker
+    assert [json.loads(x)["epoch"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+    # progress inside each epoch (rank 0 only), and none of Ray's own per-report lines
+    assert re.search(r"epoch 4/4 step 15/19 \| [\d.]+ img/s \| data wait \d+% \| loss [\d.]+ \| lr [\d.e-]+ \| "
+                     r"ETA epoch \d+:\d\d:\d\d, run \d+:\d\d:\d\d", log), log[-3000:]
+    assert "TrainingReport(" not in log and "Checkpoint successfully created" not in log
+
+
+def test_a_new_run_continues_from_another_runs_checkpoint_with_a_change_applied(runs):
+    """--resume PATH into a new run, with --allow-changes for a new lr: it starts at epoch 4 at
+    the new lr, and records the change."""
+    log = runs["logs"]["other"]
+    assert "straight/checkpoint_epoch_0003 after epoch 3" in log and "lr 0.005 -> 0.001" in log, log[-3000:]
+    run = runs["storage"][1] / "other"
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in rows] == [1, 2, 3, 4] and rows[2]["lr"] == 0.005 and rows[3]["lr"] == 0.001
+    drops = runs["straight"][1]["metrics"][-1]["lr_drops"]  # taken by epoch 3, kept: lr 0.005 -> 0.001 rescales
+    assert [r["epoch"] for r in rows] == [4] and rows[0]["lr"] == pytest.approx(0.001 * 0.1 ** drops)
     change = json.loads((run / "config_changes.jsonl").read_text().splitlines()[-1])
-    assert change["changes"] == {"lr": [0.005, 0.001]} and change["after_epoch"] == 3
+    assert change["changes"] == {"lr": [0.005, 0.001]}
     assert json.loads((run / "config.json").read_text())["lr"] == 0.001
-    shared = torch.load(latest_checkpoint(run) / "train_state.pt", weights_only=True)
-    assert [g["lr"] for g in shared["optimizer"]["param_groups"]] == [0.001, 0.001]
+    ckpt = latest_checkpoint(run)
+    assert ckpt.name == "checkpoint_epoch_0004" and read_meta(ckpt)["run"] == "other"
+    shared = torch.load(ckpt / "train_state.pt", weights_only=True)
+    after = rows[0]["lr"] * 0.1 ** (rows[0]["lr_drops"] - drops)  # (epoch 4 may have dropped it again)
+    assert [g["lr"] for g in shared["optimizer"]["param_groups"]] == [pytest.approx(after)] * 2
 
 
 def test_retention_keeps_the_best_by_val_error_and_the_newest(runs):
-    """--keep-checkpoints 2 (the default): of the 4 epochs' checkpoints, the two with the lowest
-    val top-1 error stay, and the newest (the one latest_checkpoint.json names) always does."""
-    run = runs["storage"][1] / "stopped"
+    """--keep-checkpoints 2 (the default): of a 3-epoch run's checkpoints the two with the
+    lowest val top-1 error stay, and the newest (the one latest_checkpoint.json names) always does."""
+    run = runs["storage"][1] / "straight"
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     kept = {int(p.name.rsplit("_", 1)[1]) for p in run.glob("checkpoint_epoch_*")}
-    best = min(rows, key=lambda r: (r["val_top1_error"], r["epoch"]))["epoch"]
-    assert 4 in kept and best in kept and len(kept) <= 3, (kept, rows)
     errors = [r["val_top1_error"] for r in rows]
+    assert 3 in kept and len(kept) <= 3 and min(errors[e - 1] for e in kept) == min(errors), (kept, errors)
     if len(set(errors)) == len(errors):  # no ties: exactly the two best and the newest
-        assert kept == {r["epoch"] for r in sorted(rows, key=lambda r: r["val_top1_error"])[:2]} | {4}
-    assert latest_checkpoint(run).name == "checkpoint_epoch_0004"
+        assert kept == {r["epoch"] for r in sorted(rows, key=lambda r: r["val_top1_error"])[:2]} | {3}
+    assert latest_checkpoint(run).name == "checkpoint_epoch_0003"
 
 
 def test_changed_settings_are_refused_before_any_worker_starts_naming_each(runs):
     """fit() refuses before it even connects to Ray (no address is given here)."""
-    data, storage = runs["data"][1], runs["storage"][1]
-    run = storage / "stopped"
+    data, storage = runs["data"], runs["storage"][1]
+    run = storage / "other"
     config_before = (run / "config.json").read_text()
     with pytest.raises(TrainSetupError) as refused:
-        fit(tiny(data, storage, "stopped", epochs=5, lr=0.002, momentum=0.8))
+        fit(tiny(data, storage, "other", epochs=5, lr=0.002, momentum=0.8))
     assert "lr: 0.001 -> 0.002" in str(refused.value) and "momentum: 0.9 -> 0.8" in str(refused.value)
     assert "--allow-changes" in str(refused.value)
     with pytest.raises(TrainSetupError, match="input_size cannot change"):
-        fit(tiny(data, storage, "stopped", epochs=5, lr=0.001, input_size=99), allow_changes=True)
+        fit(tiny(data, storage, "other", epochs=5, lr=0.001, input_size=99), allow_changes=True)
     assert (run / "config.json").read_text() == config_before and latest_checkpoint(run).name.endswith("0004")
 
 
 def test_the_divergence_guard_stops_the_run_naming_where_and_the_last_good_checkpoint(runs):
-    output = runs["diverged"]
+    output = runs["logs"]["diverged"]
     assert "the divergence guard stopped run" in output and "in epoch 4 at step" in output, output[-3000:]
     assert "Last good checkpoint: " in output and "checkpoint_epoch_0003" in output
     run = runs["storage"][1] / "straight"
@@ -192,15 +211,16 @@ def test_the_divergence_guard_stops_the_run_naming_where_and_the_last_good_check
 def test_evaluate_a_checkpoint_centre_and_ten_crop(runs, tmp_path):
     run = runs["storage"][1] / "straight"
     out = tmp_path / "eval.json"
-    r = subprocess.run([sys.executable, "-m", "trainer.evaluate", str(run), "--data", str(runs["data"][1]), "--json",
+    r = subprocess.run([sys.executable, "-m", "trainer.evaluate", str(run), "--data", str(runs["data"]), "--json",
                         str(out)], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     result = json.loads(r.stdout)
     assert result == json.loads(out.read_text())
-    assert result["epoch"] == 3 and result["center_images"] == result["ten_crop_images"] == 99
+    val = runs["manifest"]["splits"]["val"]["num_samples"]
+    assert result["epoch"] == 3 and result["center_images"] == result["ten_crop_images"] == val
     last = runs["straight"][1]["metrics"][-1]
     # the same pipeline and the same weights as the run's own validation of epoch 3
-    # (a near-tie may flip with another batch size: one image of 99 at most)
-    assert result["center_top1_error"] == pytest.approx(last["val_top1_error"], abs=0.011)
-    assert result["center_top5_error"] == pytest.approx(last["val_top5_error"], abs=0.011)
+    # (a near-tie may flip with another batch size: one image at most)
+    assert result["center_top1_error"] == pytest.approx(last["val_top1_error"], abs=1.01 / val)
+    assert result["center_top5_error"] == pytest.approx(last["val_top5_error"], abs=1.01 / val)
     assert 0 <= result["ten_crop_top1_error"] <= 1 and "10 crops: top-1 error" in r.stderr

@@ -1,13 +1,12 @@
-"""Training with real Ray on the CPU on the sample shards: `python -m trainer.run`, directly
-and through `ray job submit`, with fault tolerance and resumption, on small inputs (67x67,
-the smallest the layer arithmetic allows) so that each epoch takes seconds."""
+"""Training with real Ray on the CPU on the sample shards: `python -m trainer.run` through `ray
+job submit`, stopped with `ray job stop` and resubmitted, on small inputs (67x67, the smallest
+the layer arithmetic allows) so that each epoch takes seconds; setup errors. A killed worker,
+exact resume and the rest: test_resume.py."""
 
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -83,29 +82,6 @@ def test_job_submit_stop_and_resubmit_resumes_to_the_same_epoch_count(ray_cluste
     assert read_meta(ckpt)["epoch"] == 5
     png = run / "learning_curves.png"
     assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
-
-def test_a_killed_worker_is_replaced_and_training_resumes(ray_cluster, shard_set, tmp_path):
-    data, _ = shard_set
-    run = tmp_path / "runs" / "killed"
-    # Epochs of a few seconds: enough of them that the kill after the first lands mid-run.
-    cmd = train_cmd(data, tmp_path / "runs", "killed", "--epochs", "5", "--no-ten-crop-at-end",
-                    "--address", ray_cluster.gcs_address)
-    log = tmp_path / "train.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, cwd=tmp_path, env=ray_cluster.env, stdout=out, stderr=subprocess.STDOUT)
-    try:
-        wait_for(lambda: len(metrics(run)) >= 1 and latest_checkpoint(run), 400, "epoch 1", proc)
-        victim = json.loads((run / ".workers" / "rank1.json").read_text())["pid"]
-        os.kill(victim, signal.SIGKILL)
-        assert proc.wait(timeout=600) == 0, log.read_text()[-3000:]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    text = log.read_text()
-    assert "resuming from" in text
-    assert json.loads((run / ".workers" / "rank1.json").read_text())["pid"] != victim  # a new worker
-    assert [r["epoch"] for r in metrics(run)] == [1, 2, 3, 4, 5]
 
 
 def test_setup_errors_are_clear(ray_cluster, shard_set, tmp_path):
