@@ -15,12 +15,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.preprocess import ImageError, open_image
+from pipeline.preprocess import DEFAULT_JPEG_QUALITY as DEFAULT_SHARD_QUALITY, ImageError, open_image
 from pipeline.transforms import Normalization, as_sharded, eval_crops
 from trainer.checkpoint import load_model
 
 ACCEPTED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "BMP"})
-DEFAULT_SHARD_QUALITY = 90
 
 
 def pick_device(requested: str) -> torch.device:

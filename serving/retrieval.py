@@ -18,6 +18,7 @@ import simplejpeg
 import torch
 
 from pipeline.preprocess import ImageError
+from pipeline.shardset import MANIFEST, open_shard_set
 from pipeline.transforms import eval_crops
 
 log = logging.getLogger("serving.retrieval")
@@ -49,10 +50,7 @@ def _folder_items(folder: Path, predictor) -> Iterator[tuple[str, str, np.ndarra
 
 
 def _shard_items(root: Path, predictor, split: str) -> Iterator[tuple[str, str, np.ndarray | None]]:
-    import json
-
-    manifest = json.loads((root / "manifest.json").read_text())
-    for shard in manifest["splits"][split]["shards"]:
+    for shard in open_shard_set(root).shards(split):
         with tarfile.open(root / shard["tar"]) as tar:
             for member in tar:
                 if member.name.endswith(".jpg"):
@@ -64,7 +62,7 @@ def _shard_items(root: Path, predictor, split: str) -> Iterator[tuple[str, str, 
 def build_index(path: Path, predictor, split: str = "val", batch: int = 32, limit: int | None = None) -> Index:
     """Embed every image under `path` (a folder, or a shard set's `split`)."""
     path = Path(path)
-    if (path / "manifest.json").is_file():
+    if (path / MANIFEST).is_file():
         items = _shard_items(path, predictor, split)
     elif path.is_dir():
         items = _folder_items(path, predictor)
