@@ -306,9 +306,12 @@ class WdsLoader:
                                  lighting, self._epoch)
         self._num_samples = len(self._dataset.order(epoch))
         workers = max(0, cfg.num_threads)
+        # Its own generator: each DataLoader iterator draws a base seed from it, and from torch's
+        # global one (the caller's: the trainer's dropout masks) otherwise, which would make a
+        # resumed run's masks differ. Nothing here uses that seed: batch_rng makes the draws.
         self._loader = DataLoader(self._dataset, batch_size=None, num_workers=workers,
                                   persistent_workers=workers > 0, pin_memory=self.device_kind == "gpu",
-                                  prefetch_factor=2 if workers > 0 else None)
+                                  prefetch_factor=2 if workers > 0 else None, generator=torch.Generator())
         self.wait_s = 0.0
         self.batches = 0
 

@@ -185,6 +185,20 @@ def test_epoch_seed_is_a_fixed_pure_function():
 PINNED = [1915600865, 1484405855, 1021371953]
 
 
+@pytest.mark.parametrize("processes", [0, 2])
+def test_reading_leaves_the_callers_random_streams_alone(shards, processes):
+    """torch's global generator draws the trainer's dropout masks: a loader that took from it
+    (a DataLoader iterator draws a base seed) would make a resumed run's masks differ."""
+    shard_set, _ = shards
+    torch.manual_seed(3)
+    before = torch.get_rng_state()
+    loader = WdsLoader(shard_set, "val", cfg(mode="center", num_threads=processes))
+    for _ in range(2):  # a first iterator, and a persistent one reset
+        next(iter(loader))
+    WdsLoader(shard_set, "train", cfg(num_threads=processes), epoch=1)
+    assert torch.equal(torch.get_rng_state(), before)
+
+
 def test_an_index_that_does_not_fit_its_tar_is_a_clear_error(shard_set, tmp_path):
     out, _ = shard_set
     copy = tmp_path / "shards"
