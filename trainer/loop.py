@@ -43,7 +43,7 @@ from trainer.model import AlexNet, AlexNetConfig
 from trainer.optim import apply_changes, build_optimizer, build_scheduler, set_lr, warmup_scale
 from trainer.progress import Progress
 from trainer.runfolder import DIVERGED, RunFolder
-from trainer.seeds import capture_rng, restore_rng, seed_rank, stream_seed
+from trainer.seeds import capture_rng, restore_rng, seed_rank, epoch_seed
 
 log = logging.getLogger("trainer.loop")
 EVAL_BATCH = 64  # per worker, at most
@@ -131,7 +131,7 @@ def resume(state: State, folder: Path, cfg: TrainConfig, rank: int, devices: lis
         restore_rng(own["rng"], devices)
     except ValueError as exc:  # a changed worker count or device layout (--allow-changes)
         log.warning("rank %d: fresh random streams, not the checkpoint's (%s)", rank, exc)
-        seed_rank(stream_seed(cfg.seed, state.epoch, rank, "rng"), rank)  # deterministic all the same
+        seed_rank(epoch_seed(cfg.seed, state.epoch, rank, "rng"), rank)  # deterministic all the same
     state.last_checkpoint = str(folder)
 
 
@@ -188,7 +188,7 @@ def train_loader(shards: ShardSet, cfg: TrainConfig, devices, epoch: int, rank: 
     (rank + epoch) mod world, so it is the same whether or not the run was interrupted."""
     return DaliLoader(shards, "train", data_config(
         cfg, devices, mode="train", batch_size=cfg.per_worker_batch, input_size=cfg.input_size,
-        shard_id=(rank + epoch) % world, num_shards=world, seed=stream_seed(cfg.seed, epoch, rank, "data")))
+        shard_id=(rank + epoch) % world, num_shards=world, seed=epoch_seed(cfg.seed, epoch, rank, "data")))
 
 
 def eval_loader(shards: ShardSet, cfg: TrainConfig, devices, mode: str, rank: int, world: int) -> DaliLoader:

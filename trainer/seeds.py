@@ -1,10 +1,12 @@
 """Random streams per run, epoch and rank: one definition, so that an interrupted and resumed
 run draws exactly the numbers an uninterrupted one draws.
 
-- `stream_seed(run_seed, epoch, rank, stream)`: the seed of one stream of one worker in one
-  epoch. Every input loader seeds epoch e of rank r with `stream_seed(seed, e, r, "data")`
-  (trainer.data's DALI pipeline; a second back-end must do the same), so epoch e's
-  augmentation and order do not depend on whether the run was stopped before it.
+- `epoch_seed(run_seed, epoch, rank, stream="data")`: the seed of one stream of one worker in
+  one epoch, the one such function of the project. Both input back-ends seed epoch e of rank
+  r from `epoch_seed(seed, e, r)` (trainer.loaders: DALI's pipeline seed; trainer.wds_loader:
+  the window shuffle and each batch's draws, with `rank=None` for the shard order all ranks
+  share), so epoch e's order and augmentation do not depend on whether the run was stopped
+  before it: resuming needs only e.
 - Dropout and anything else drawn from Python's `random`, numpy or torch (CPU and every CUDA
   device a worker uses) are seeded per rank at the start (`seed_rank`) and their state is
   saved per rank in every checkpoint (`capture_rng`) and put back on resume (`restore_rng`).
@@ -27,10 +29,15 @@ import torch
 SEED_MODULUS = 2**31 - 1  # DALI and numpy both take it
 
 
-def stream_seed(run_seed: int, epoch: int, rank: int, stream: str = "data") -> int:
-    """A seed in [0, 2^31 - 1) for `stream` of worker `rank` in `epoch` (0-based) of a run
-    seeded with `run_seed`. A hash, so nearby arguments give unrelated seeds."""
-    key = f"alexnet-2012/{stream}/{int(run_seed)}/{int(epoch)}/{int(rank)}".encode()
+def epoch_seed(run_seed: int, epoch: int, rank: int | None, stream: str = "data") -> int:
+    """A seed in [0, 2^31 - 1) (valid for DALI and numpy) for `stream` of worker `rank` in
+    `epoch` (0-based) of a run seeded with `run_seed`; `rank=None`: the stream every rank
+    shares. A hash, so nearby arguments give unrelated seeds; fixed forever, since changing it
+    would change every resumed run's data."""
+    if epoch < 0 or (rank is not None and rank < 0):
+        raise ValueError(f"epoch and rank must be >= 0 (got epoch={epoch}, rank={rank})")
+    who = "all" if rank is None else int(rank)
+    key = f"alexnet-2012/{stream}/{int(run_seed) % 2**64}/{int(epoch)}/{who}".encode()
     return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") % SEED_MODULUS
 
 
@@ -41,7 +48,7 @@ def _cuda_indices(devices: Iterable[torch.device]) -> list[int]:
 
 def seed_rank(run_seed: int, rank: int) -> None:
     """A fresh run: rank's own seed for Python, numpy and torch (CPU and all CUDA devices)."""
-    seed = stream_seed(run_seed, 0, rank, "rng")
+    seed = epoch_seed(run_seed, 0, rank, "rng")
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)  # also seeds every CUDA device

@@ -1,5 +1,6 @@
-"""Contract 2 (trainer/checkpoint.py) and the per-rank random streams (trainer/seeds.py):
-round trips, weights-only resume state, the pointer to the newest checkpoint, light imports."""
+"""Contract 2 (trainer/checkpoint.py) and the per-rank random streams it holds (trainer/seeds.py;
+the seed function: test_seeds.py): round trips, weights-only resume state, the pointer to the
+newest checkpoint, light imports."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from trainer import checkpoint as ck
 from trainer.config import TrainConfig
 from trainer.loop import State, new_state, rank_state_payload, train_state_payload
 from trainer.model import AlexNet, AlexNetConfig
-from trainer.seeds import capture_rng, restore_rng, seed_rank, stream_seed
+from trainer.seeds import capture_rng, restore_rng, seed_rank
 
 CLASSES = [{"index": i, "wnid": f"n{i:08d}", "name": f"c{i}"} for i in range(10)]
 CPU = [torch.device("cpu")]
@@ -106,12 +107,6 @@ def test_rank_streams_differ_and_restore_exactly():
     restore_rng(state, CPU)
     got = torch.rand(5), np.random.rand(), random.random(), np.random.randn()
     assert torch.equal(want[0], got[0]) and want[1:] == got[1:]
-
-
-def test_stream_seeds_depend_on_run_epoch_rank_and_stream_only():
-    seeds = {stream_seed(s, e, r, k) for s in (0, 1) for e in range(4) for r in range(4) for k in ("data", "rng")}
-    assert len(seeds) == 2 * 4 * 4 * 2 and all(0 <= x < 2**31 - 1 for x in seeds)
-    assert stream_seed(3, 2, 1) == stream_seed(3, 2, 1, "data") == 1256734983  # fixed forever: other loaders follow it
 
 
 def write_checkpoint(run, name: str, epoch: int):
