@@ -1,7 +1,7 @@
 """A real Ray cluster for the training and deploy tests (registered in tests/conftest.py): `ray start --head` on free loopback ports,
 shared by the whole test session (a 2-worker fit costs ~20 s of start-up and ~2 GB), and
 stopped by its own process group, never with `ray stop` (which kills every Ray on the host).
-It offers 8 logical CPUs on 2 cores: tests/trainer/test_resume.py runs up to seven tiny
+It offers 8 logical CPUs on 2 cores: tests/trainer/test_resume.py runs up to eight tiny
 workers side by side, since most of a tiny run's time is Ray starting and stopping it."""
 
 from __future__ import annotations

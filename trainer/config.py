@@ -96,7 +96,8 @@ class TrainConfig:
     ten_crop_at_end: bool = True  # paper's 10-crop evaluation after the last epoch
     ten_crop_every_epoch: bool = False
     seed: int = 0
-    loader_threads: int = 2
+    loader: str = "auto"  # input back-end: auto (DALI where it imports, else webdataset) | dali | webdataset
+    loader_threads: int = 2  # DALI threads, or webdataset DataLoader worker processes, per worker
     max_failures: int = 3
     keep_checkpoints: int = 2  # the best by val top-1 error (the newest is always kept too)
     print_freq: int = 100  # progress line every N steps (and at least every PROGRESS_MAX_S seconds)

@@ -18,9 +18,10 @@ Join absorbs the difference. Train order is reshuffled every epoch (a seeded shu
 shard assignment rotates between epochs).
 
 Seeding: `DataConfig.seed` is the pipeline's seed, used as given. The trainer builds a fresh
-train loader for every epoch, seeded with `trainer.seeds.stream_seed(run seed, epoch, rank)`
-and reading part `(rank + epoch) % world`, so epoch e's order and augmentation are the same
-whether or not the run was interrupted before it.
+train loader for every epoch (trainer.loaders.EpochLoaders), seeded with
+`trainer.seeds.epoch_seed(run seed, epoch, rank)` and reading part `(rank + epoch) % world`,
+so epoch e's order and augmentation are the same whether or not the run was interrupted
+before it.
 """
 
 from __future__ import annotations
@@ -46,8 +47,8 @@ class DataConfig:
     input_size: int = 227
     shard_id: int = 0
     num_shards: int = 1
-    seed: int = 0
-    num_threads: int = 2
+    seed: int = 0  # DALI: the pipeline's seed, as given; webdataset: the run's seed (per-epoch seeds derive)
+    num_threads: int = 2  # DALI threads; webdataset: DataLoader worker processes
     device: str = "auto"  # auto | gpu | cpu
     device_id: int | None = None
     dtype: str = "float32"  # float32 | float16 | bfloat16

@@ -1,14 +1,16 @@
 """What each Ray Train worker runs: `train_loop_per_worker(config)`.
 
-Data parallel across workers (DDP; rank r reads part r of the train split through DALI), and
+Data parallel across workers (DDP; each rank reads its own part of the train split, through
+DALI or the webdataset back-end, trainer.loaders), and
 inside each worker the paper's model parallelism: column A on the worker's first device,
 column B on its second (one GPU: both on it; none: both on the CPU). A DDP module spanning
 two devices must be built with device_ids=None.
 
 The steps, one function each: devices; the model (identical initial weights on every rank);
 seeding (per rank) or resuming (weights, optimizer, schedule, guard, and this rank's RNG
-states from the checkpoint, then any allowed config change); DDP; loaders (a train loader
-per epoch seeded by trainer.seeds); the epochs; the checkpoint payload.
+states from the checkpoint, then any allowed config change); DDP; loaders (epoch e's train
+batches seeded by (run seed, e, rank) only: trainer.loaders.EpochLoaders); the epochs; the
+checkpoint payload.
 
 Every epoch every worker calls ray.train.report (a barrier) with its part of the checkpoint:
 rank 0 the model and the shared state, every rank its own RNG states; Ray merges them into one
@@ -36,14 +38,15 @@ import torch.distributed as dist
 
 from trainer import checkpoint as ckpt_io
 from trainer.config import TrainConfig, config_changes
-from trainer.data import DaliLoader, DataConfig, ShardSet, open_shard_set
+from trainer.data import DataConfig, ShardSet, open_shard_set
 from trainer.engine import StepHooks, evaluate, train_one_epoch
 from trainer.guard import DivergenceGuard
+from trainer.loaders import EpochLoaders, open_loader, resolve_loader
 from trainer.model import AlexNet, AlexNetConfig
 from trainer.optim import apply_changes, build_optimizer, build_scheduler, set_lr, warmup_scale
 from trainer.progress import Progress
 from trainer.runfolder import DIVERGED, RunFolder
-from trainer.seeds import capture_rng, restore_rng, seed_rank, epoch_seed
+from trainer.seeds import capture_rng, epoch_seed, restore_rng, seed_rank
 
 log = logging.getLogger("trainer.loop")
 EVAL_BATCH = 64  # per worker, at most
@@ -183,23 +186,23 @@ def data_config(cfg: TrainConfig, devices: list[torch.device], **kw) -> DataConf
                       device_id=devices[0].index if gpu else None, divide_by_std=cfg.divide_by_std, **kw)
 
 
-def train_loader(shards: ShardSet, cfg: TrainConfig, devices, epoch: int, rank: int, world: int) -> DaliLoader:
-    """Epoch `epoch`'s loader for `rank`: seeded by (run seed, epoch, rank), reading part
-    (rank + epoch) mod world, so it is the same whether or not the run was interrupted."""
-    return DaliLoader(shards, "train", data_config(
-        cfg, devices, mode="train", batch_size=cfg.per_worker_batch, input_size=cfg.input_size,
-        shard_id=(rank + epoch) % world, num_shards=world, seed=epoch_seed(cfg.seed, epoch, rank, "data")))
+def train_loaders(shards: ShardSet, cfg: TrainConfig, devices, rank: int, world: int) -> EpochLoaders:
+    """This rank's train batches for any epoch, from the run's seed, the epoch and the rank
+    only: the same whether or not the run was interrupted (trainer.loaders)."""
+    return EpochLoaders(cfg.loader, shards, data_config(
+        cfg, devices, mode="train", batch_size=cfg.per_worker_batch, input_size=cfg.input_size, shard_id=rank,
+        num_shards=world, seed=cfg.seed))
 
 
-def eval_loader(shards: ShardSet, cfg: TrainConfig, devices, mode: str, rank: int, world: int) -> DaliLoader:
-    return DaliLoader(shards, "val", data_config(
+def eval_loader(shards: ShardSet, cfg: TrainConfig, devices, mode: str, rank: int, world: int):
+    return open_loader(cfg.loader, shards, "val", data_config(
         cfg, devices, mode=mode, batch_size=max(1, min(cfg.per_worker_batch, EVAL_BATCH)), input_size=cfg.input_size,
         shard_id=rank, num_shards=world, seed=cfg.seed))
 
 
 def steps_per_epoch(shards: ShardSet, cfg: TrainConfig, world: int) -> int:
-    """Train steps every rank takes per epoch. DALI gives ranks floor(n/world) or that + 1
-    samples; where the + 1 would start one more batch on some ranks, that batch (of one
+    """Train steps every rank takes per epoch. Both back-ends give ranks floor(n/world) or that
+    + 1 samples; where the + 1 would start one more batch on some ranks, that batch (of one
     sample) is left out, different each epoch. Equal steps keep every replica's weights and
     momentum identical and make collectives inside an epoch safe."""
     return math.ceil((shards.num_samples("train") // world) / cfg.per_worker_batch)
@@ -263,14 +266,14 @@ class EpochResult:
     diverged: tuple[int, str] | None = None  # (step, reason)
 
 
-def run_epoch(state: State, cfg: TrainConfig, shards: ShardSet, devices, rank: int, world: int, val: DaliLoader,
-              eval_seconds: float) -> EpochResult:
+def run_epoch(state: State, cfg: TrainConfig, shards: ShardSet, devices, rank: int, world: int,
+              train_data: EpochLoaders, val, eval_seconds: float) -> EpochResult:
     net = ckpt_io.unwrap(state.model)
     gpu = devices[0].type == "cuda"
     amp_dtype = torch.bfloat16 if (cfg.amp and gpu) else None
     train_model = torch.compile(state.model) if cfg.compile else state.model
     eval_model = torch.compile(net) if cfg.compile else net
-    loader = train_loader(shards, cfg, devices, state.epoch, rank, world)
+    loader = train_data.for_epoch(state.epoch)
     steps = steps_per_epoch(shards, cfg, world)
     progress = Progress(log, epoch=state.epoch, epochs=cfg.epochs, steps=steps, world=world,
                         print_freq=cfg.print_freq, loader=loader, eval_seconds=eval_seconds) if rank == 0 else None
@@ -375,6 +378,7 @@ def train_loop_per_worker(config: dict) -> None:
     record_worker(run, rank, devices)
 
     shards = open_shard_set(cfg.data, cfg.input_size)
+    cfg.loader = resolve_loader(cfg.loader)  # the driver's choice; a clear error where it cannot run
     state = new_state(cfg, build_model(cfg, shards.num_classes, devices))
     seed_rank(cfg.seed, rank)
     source, where = resume_source(cfg, run)
@@ -387,10 +391,11 @@ def train_loop_per_worker(config: dict) -> None:
         run.truncate_metrics(state.epoch)  # epochs a dead run wrote past its checkpoint are redone
     state.model = wrap_ddp(state.model, world)
 
+    train_data = train_loaders(shards, cfg, devices, rank, world)
     val = eval_loader(shards, cfg, devices, "center", rank, world)
     eval_seconds = 0.0
     while state.epoch < cfg.epochs:
-        result = run_epoch(state, cfg, shards, devices, rank, world, val, eval_seconds)
+        result = run_epoch(state, cfg, shards, devices, rank, world, train_data, val, eval_seconds)
         if result.diverged:
             step, reason = result.diverged
             if rank == 0:

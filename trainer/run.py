@@ -15,6 +15,10 @@ refused before any worker starts, naming each field: --allow-changes applies the
 next epoch (and records them in config_changes.jsonl), --fresh starts the run over,
 --resume PATH continues from a checkpoint of another run. --print-config prints the resolved
 configuration and exits.
+
+Input: DALI wherever `import nvidia.dali` works, else the webdataset back-end (logged once);
+`--loader dali|webdataset` picks one (trainer.loaders). The driver decides and every worker
+of the run uses its choice.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ from pathlib import Path
 from trainer.checkpoint import POINTER, TRAIN_STATE, CheckpointError, read_meta, resolve
 from trainer.config import ARCHITECTURE, DEFAULT_PRESET, PAPER, PRESETS, TrainConfig, config_changes, with_preset
 from trainer.data import ShardSetError, open_shard_set
+from trainer.loaders import CHOICES as LOADER_CHOICES
+from trainer.loaders import LoaderUnavailable, resolve_loader
 from trainer.runfolder import CONFIG, CONFIG_CHANGES, DIVERGED, RunFolder
 
 log = logging.getLogger("trainer.run")
@@ -139,6 +145,10 @@ def fit(cfg: TrainConfig, address: str | None = None, *, allow_changes: bool = F
     """Check, reconcile the config with the run's, train on Ray; raises TrainSetupError before
     any worker starts, TrainingDiverged if the divergence guard stopped the run."""
     check_setup(cfg)
+    try:
+        cfg = replace(cfg, loader=resolve_loader(cfg.loader))  # stored with the run: every worker reads alike
+    except LoaderUnavailable as exc:
+        raise TrainSetupError(str(exc)) from None
     run = RunFolder(cfg.storage_path, cfg.name)
     if fresh and run.exists():
         log.warning("--fresh: deleting run folder %s", run.uri)
@@ -244,7 +254,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ten-crop-every-epoch", action="store_true", help="also run the 10-crop evaluation every epoch")
     p.add_argument("--no-ten-crop-at-end", dest="ten_crop_at_end", action="store_false")
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--loader-threads", type=int, default=d.loader_threads, help="DALI threads per worker")
+    p.add_argument("--loader", choices=LOADER_CHOICES, default=d.loader,
+                   help="input back-end: auto is DALI where nvidia.dali imports, else webdataset (trainer.loaders)")
+    p.add_argument("--loader-threads", type=int, default=d.loader_threads,
+                   help="DALI threads, or webdataset DataLoader processes, per worker")
     p.add_argument("--max-failures", type=int, default=d.max_failures, help="worker failures to recover from")
     p.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints,
                    help="checkpoints kept: the best by val top-1 error (and always the newest)")
@@ -276,11 +289,17 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     cfg, a = parse_args(argv)
+    try:
+        cfg = replace(cfg, loader=resolve_loader(cfg.loader))
+    except LoaderUnavailable as exc:
+        log.error("%s", exc)
+        return EXIT_SETUP
     if a.print_config:
         print(json.dumps(cfg.to_json(), indent=2, sort_keys=True))
         return 0
-    log.info("preset %s: %d epoch(s), global batch %d over %d worker(s) (%d each), lr %g, %s GPU(s) per worker",
-             cfg.preset, cfg.epochs, cfg.batch_size, cfg.workers, cfg.per_worker_batch, cfg.lr, cfg.gpus_per_worker)
+    log.info("preset %s: %d epoch(s), global batch %d over %d worker(s) (%d each), lr %g, %s GPU(s) per worker, "
+             "%s input", cfg.preset, cfg.epochs, cfg.batch_size, cfg.workers, cfg.per_worker_batch, cfg.lr,
+             cfg.gpus_per_worker, cfg.loader)
     try:
         fit(cfg, a.address, allow_changes=a.allow_changes, fresh=a.fresh)
     except TrainSetupError as exc:

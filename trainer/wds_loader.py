@@ -292,8 +292,8 @@ class WdsLoader:
         lighting = (Lighting.from_stats(shard_set.stats, cfg.lighting_alpha_std)
                     if cfg.mode == "train" and cfg.lighting_alpha_std > 0 else None)
         self._epoch = multiprocessing.Value("q", epoch, lock=False)
-        self._dataset = _Batches(index, cfg, shard_set.image_size, shard_set.normalization(cfg.divide_by_std),
-                                 lighting, self._epoch)
+        norm = cfg.normalization or shard_set.normalization(cfg.divide_by_std)  # given: a checkpoint's own
+        self._dataset = _Batches(index, cfg, shard_set.image_size, norm, lighting, self._epoch)
         self._num_samples = len(self._dataset.order(epoch))
         workers = max(0, cfg.num_threads)
         # Its own generator: each DataLoader iterator draws a base seed from it, and from torch's

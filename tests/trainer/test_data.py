@@ -151,27 +151,3 @@ def test_label_parsing_handles_multi_digit_indices(tmp_path):
             assert key == f"img{label}"
             got[label] += 1
     assert sorted(got) == picked
-
-
-def test_an_epochs_train_stream_depends_on_run_seed_epoch_and_rank_only(shards):
-    """The trainer's per-epoch loader: rebuilt for epoch e of rank r (as after a restart), it
-    gives the same crops, mirrors, lighting and order; the same data in another epoch, or read
-    by another rank, is augmented and ordered anew."""
-    from dataclasses import replace
-
-    from trainer.config import TrainConfig
-    from trainer.loop import train_loader
-
-    shard_set, _ = shards
-    cfg = replace(TrainConfig(), batch_size=32, loader_threads=2)
-    cpu = [torch.device("cpu")]
-
-    def first_batch(epoch: int, rank: int, world: int) -> torch.Tensor:
-        workers = replace(cfg, workers=world)
-        return next(iter(train_loader(shard_set, workers, cpu, epoch, rank, world)))[0]
-
-    a = first_batch(1, 0, 1)
-    assert torch.equal(a, first_batch(1, 0, 1))
-    assert not torch.equal(a, first_batch(2, 0, 1))  # same images (one worker), next epoch
-    # rank 1 in epoch 1 and rank 0 in epoch 0 read the same part (the part rotates per epoch)
-    assert not torch.equal(first_batch(1, 1, 2), first_batch(0, 0, 2))

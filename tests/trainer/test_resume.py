@@ -1,7 +1,8 @@
-"""Exact resume, the config-change refusal, the divergence guard, a killed worker, --resume and
-evaluation, with real Ray Train runs (the session's cluster) on tiny settings: 67x67 inputs
-(the smallest the layer arithmetic allows), a global batch of 16, the tiny shard set (one
-shard per split: two workers split its samples)."""
+"""Exact resume (DALI with 1 and 2 workers, the webdataset back-end with 1), the config-change
+refusal, the divergence guard, a killed worker, --resume and evaluation, with real Ray Train
+runs (the session's cluster) on tiny settings: 67x67 inputs (the smallest the layer
+arithmetic allows), a global batch of 16, the tiny shard set (one shard per split: two
+workers split its samples)."""
 
 from __future__ import annotations
 
@@ -46,7 +47,7 @@ def start(cluster, data: Path, storage: Path, name: str, *args: str) -> subproce
 
 
 def together(*procs: subprocess.Popen) -> list[tuple[int, str]]:
-    """Wait for runs started side by side (the cluster has CPUs for four tiny workers)."""
+    """Wait for runs started side by side (the cluster has CPUs for eight tiny workers)."""
     out = [p.communicate(timeout=900)[0] for p in procs]
     return [(p.returncode, o) for p, o in zip(procs, out)]
 
@@ -73,29 +74,34 @@ def identical(a, b) -> bool:
 
 @pytest.fixture(scope="module")
 def runs(ray_cluster, tiny_shard_set, shard_set, tmp_path_factory):
-    """For 1 and 2 workers: an uninterrupted 3-epoch run, and the same run stopped after epoch 2
-    and resubmitted to epoch 3. Then, from the first round's runs: a run the divergence guard
-    stops, a new run continuing another's checkpoint with a changed lr (--resume,
-    --allow-changes), and a 2-worker run on the full sample set whose rank 1 is killed after
-    epoch 1 (its epochs last long enough for the kill to land mid-run). Independent runs go
-    side by side, in two rounds."""
+    """For DALI with 1 and 2 workers and webdataset with 1: an uninterrupted 3-epoch run, and the
+    same run stopped after epoch 2 and resubmitted to epoch 3. Then, from the first round's
+    runs: a run the divergence guard stops, a new run continuing another's checkpoint with a
+    changed lr (--resume, --allow-changes), and a 2-worker run on the full sample set whose
+    rank 1 is killed after epoch 1 (its epochs last long enough for the kill to land mid-run).
+    Independent runs go side by side, in two rounds (8 workers at most: the cluster's CPUs)."""
     storage = tmp_path_factory.mktemp("runs")
     data = tiny_shard_set[0]
-    s1, s2 = storage / "w1", storage / "w2"
+    s1, s2, wds = storage / "w1", storage / "w2", storage / "wds"
+    where = {1: s1, 2: s2, "wds": wds}
 
-    def run(w: int, name: str, *args: str, shards: Path = data) -> subprocess.Popen:
-        return start(ray_cluster, shards, s1 if w == 1 else s2, name, "--workers", str(w), *args)
+    def run(w: int | str, name: str, *args: str, shards: Path = data) -> subprocess.Popen:
+        loader = ("--loader", "webdataset", "--loader-threads", "1") if w == "wds" else ("--loader", "dali")
+        workers = "1" if w == "wds" else str(w)
+        return start(ray_cluster, shards, where[w], name, "--workers", workers, *loader, *args)
 
     first = together(run(1, "straight", "--epochs", "3"), run(1, "stopped", "--epochs", "2"),
-                     run(2, "straight", "--epochs", "3"), run(2, "stopped", "--epochs", "2"))
+                     run(2, "straight", "--epochs", "3"), run(2, "stopped", "--epochs", "2"),
+                     run("wds", "straight", "--epochs", "3"), run("wds", "stopped", "--epochs", "2"))
     assert all(rc == 0 for rc, _ in first), first
-    after_2 = {w: final_state((s1 if w == 1 else s2) / "stopped") for w in (1, 2)}
-    straight = {w: final_state((s1 if w == 1 else s2) / "straight") for w in (1, 2)}
+    after_2 = {w: final_state(where[w] / "stopped") for w in where}
+    straight = {w: final_state(where[w] / "straight") for w in where}
     procs = [run(1, "stopped", "--epochs", "3"), run(2, "stopped", "--epochs", "3"),
              run(1, "straight", "--epochs", "5", "--lr", "30", "--print-freq", "2", "--allow-changes"),
              run(1, "other", "--epochs", "4", "--resume", str(s1 / "straight" / "checkpoint_epoch_0003"), "--lr",
                  "0.001", "--allow-changes"),
-             run(2, "killed", "--epochs", "4", "--print-freq", "5", shards=shard_set[0])]
+             run(2, "killed", "--epochs", "4", "--print-freq", "5", shards=shard_set[0]),
+             run("wds", "stopped", "--epochs", "3")]
     killed = s2 / "killed"
     deadline = time.monotonic() + 600
     while latest_checkpoint(killed) is None:  # then kill rank 1 in epoch 2
@@ -104,14 +110,14 @@ def runs(ray_cluster, tiny_shard_set, shard_set, tmp_path_factory):
     victim = json.loads((killed / ".workers" / "rank1.json").read_text())["pid"]
     os.kill(victim, signal.SIGKILL)
     second = together(*procs)
-    assert [rc for rc, _ in second] == [0, 0, 3, 0, 0], second
-    return {"data": data, "manifest": tiny_shard_set[1], "storage": {1: s1, 2: s2}, "straight": straight,
-            "after_2": after_2, "resumed": {w: final_state((s1 if w == 1 else s2) / "stopped") for w in (1, 2)},
+    assert [rc for rc, _ in second] == [0, 0, 3, 0, 0, 0], second
+    return {"data": data, "manifest": tiny_shard_set[1], "storage": where, "straight": straight,
+            "after_2": after_2, "resumed": {w: final_state(where[w] / "stopped") for w in where},
             "victim": victim, "logs": {"diverged": second[2][1], "other": second[3][1], "killed": second[4][1]}}
 
 
-@pytest.fixture(params=[1, 2], ids=["1-worker", "2-workers"])
-def workers(request) -> int:
+@pytest.fixture(params=[1, 2, "wds"], ids=["dali-1-worker", "dali-2-workers", "webdataset-1-worker"])
+def workers(request) -> int | str:
     return request.param
 
 
@@ -130,7 +136,7 @@ def test_a_stopped_and_resumed_run_ends_bitwise_equal_to_an_uninterrupted_one(ru
 
 def test_every_rank_has_its_own_rng_streams_and_they_survive_a_resume(runs, workers):
     straight, resumed, after_2 = runs["straight"][workers], runs["resumed"][workers], runs["after_2"][workers]
-    names = [f"rank_state_{r}.pt" for r in range(workers)]
+    names = [f"rank_state_{r}.pt" for r in range(1 if workers == "wds" else workers)]
     assert sorted(straight["ranks"]) == sorted(resumed["ranks"]) == names
     for name in names:
         assert identical(straight["ranks"][name]["rng"], resumed["ranks"][name]["rng"])
@@ -194,6 +200,8 @@ def test_changed_settings_are_refused_before_any_worker_starts_naming_each(runs)
         fit(tiny(data, storage, "other", epochs=5, lr=0.002, momentum=0.8))
     assert "lr: 0.001 -> 0.002" in str(refused.value) and "momentum: 0.9 -> 0.8" in str(refused.value)
     assert "--allow-changes" in str(refused.value)
+    with pytest.raises(TrainSetupError, match="loader: 'dali' -> 'webdataset'"):  # another data stream
+        fit(tiny(data, storage, "other", epochs=5, lr=0.001, loader="webdataset"))
     with pytest.raises(TrainSetupError, match="input_size cannot change"):
         fit(tiny(data, storage, "other", epochs=5, lr=0.001, input_size=99), allow_changes=True)
     assert (run / "config.json").read_text() == config_before and latest_checkpoint(run).name.endswith("0004")
@@ -208,14 +216,21 @@ def test_the_divergence_guard_stops_the_run_naming_where_and_the_last_good_check
     assert latest_checkpoint(run).name == "checkpoint_epoch_0003"  # nothing saved after the blow-up
 
 
-def test_evaluate_a_checkpoint_centre_and_ten_crop(runs, tmp_path):
+def test_evaluate_a_checkpoint_centre_and_ten_crop_with_either_loader(runs, tmp_path):
     run = runs["storage"][1] / "straight"
     out = tmp_path / "eval.json"
-    r = subprocess.run([sys.executable, "-m", "trainer.evaluate", str(run), "--data", str(runs["data"]), "--json",
-                        str(out)], cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    result = json.loads(r.stdout)
-    assert result == json.loads(out.read_text())
+    cmd = [sys.executable, "-m", "trainer.evaluate", str(run), "--data", str(runs["data"])]
+    procs = [subprocess.Popen(cmd + ["--json", str(out)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True),
+             subprocess.Popen(cmd + ["--loader", "webdataset"], cwd=REPO, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)]
+    (stdout, stderr), (wds_stdout, wds_stderr) = (p.communicate(timeout=600) for p in procs)
+    assert procs[0].returncode == 0, stderr[-3000:]
+    assert procs[1].returncode == 0, wds_stderr[-3000:]
+    result, wds = json.loads(stdout), json.loads(wds_stdout)
+    assert result == json.loads(out.read_text()) and result["loader"] == "dali" and wds["loader"] == "webdataset"
+    # the same pixels (tests/trainer/test_backends.py), the same batches: the same numbers
+    assert {k: v for k, v in result.items() if k != "loader"} == {k: v for k, v in wds.items() if k != "loader"}
     val = runs["manifest"]["splits"]["val"]["num_samples"]
     assert result["epoch"] == 3 and result["center_images"] == result["ten_crop_images"] == val
     last = runs["straight"][1]["metrics"][-1]
@@ -223,4 +238,4 @@ def test_evaluate_a_checkpoint_centre_and_ten_crop(runs, tmp_path):
     # (a near-tie may flip with another batch size: one image at most)
     assert result["center_top1_error"] == pytest.approx(last["val_top1_error"], abs=1.01 / val)
     assert result["center_top5_error"] == pytest.approx(last["val_top5_error"], abs=1.01 / val)
-    assert 0 <= result["ten_crop_top1_error"] <= 1 and "10 crops: top-1 error" in r.stderr
+    assert 0 <= result["ten_crop_top1_error"] <= 1 and "10 crops: top-1 error" in stderr
