@@ -1,7 +1,10 @@
 """The run folder, `STORAGE_PATH/NAME/`: Ray Train's checkpoints plus our config.json and
 metrics.jsonl (one JSON object per epoch). STORAGE_PATH may be a local folder, a shared
 filesystem mounted on every node, or any URI pyarrow understands (s3://, gs://, hdfs://),
-the same storage Ray Train itself writes checkpoints to."""
+the same storage Ray Train itself writes checkpoints to.
+
+pyarrow (which Ray brings) is imported only by RunFolder: `latest_checkpoint`, which serving
+uses, needs the standard library alone, so a serving-only install can import this module."""
 
 from __future__ import annotations
 
@@ -10,8 +13,6 @@ import os
 import posixpath
 from pathlib import Path
 
-import pyarrow.fs as pafs
-
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
 CHECKPOINT_PREFIX = "checkpoint_"
@@ -19,6 +20,8 @@ CHECKPOINT_PREFIX = "checkpoint_"
 
 class RunFolder:
     def __init__(self, storage_path: str, name: str):
+        import pyarrow.fs as pafs
+
         if "://" in storage_path:
             self.fs, root = pafs.FileSystem.from_uri(storage_path)
         else:
@@ -28,6 +31,8 @@ class RunFolder:
 
     @property
     def local_path(self) -> Path | None:
+        import pyarrow.fs as pafs
+
         return Path(self.root) if isinstance(self.fs, pafs.LocalFileSystem) else None
 
     def _path(self, rel: str) -> str:
