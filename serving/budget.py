@@ -1,0 +1,50 @@
+"""The memory one image will cost to decode, estimated from its header alone.
+
+A few KB of PNG can describe a 40-megapixel 16-bit image whose decode needs about 1 GB;
+`max_pixels` alone does not see that. `decode_cost` reads only what Pillow parsed from the
+header (format, mode, size, frames, transparency) and returns the peak bytes that
+`pipeline.preprocess.prepare_image` and the serving crops will need, so a request over
+`Settings.max_decode_bytes` is refused (413) before a pixel is decoded.
+
+Bytes per source pixel by mode were measured on this project's preprocessing (peak RSS
+above the process's fixed overhead, 4-megapixel images, Pillow 13; docs/benchmarks.md) and
+rounded up with margin: the estimate is an upper bound, not a guess in the middle.
+"""
+
+from __future__ import annotations
+
+from PIL import Image
+
+from pipeline.preprocess import OUTPUT_SIZE, _dct_scale
+
+# Working bytes per pixel of the decoded source, by Pillow mode (measured: L 5.1, RGB 4.1,
+# P 5.2, PA 11.2, LA 14.2, RGBA 14.1, I;16 20.4).
+_BYTES_PER_PIXEL = {
+    "1": 6, "L": 6, "P": 6, "RGB": 6, "YCbCr": 6, "LAB": 6, "HSV": 6,
+    "CMYK": 8,  # 4 bytes decoded, then RGB
+    "LA": 16, "La": 16, "PA": 16, "RGBA": 16, "RGBa": 16, "RGBX": 16,  # composited on a background
+    "I;16": 24, "I;16B": 24, "I;16L": 24, "I;16N": 24,  # 16-bit: scaled to 8 bits through wide temporaries
+    "I": 32, "F": 32,
+}
+_UNKNOWN_MODE = 32
+_ALPHA = 16  # a palette or greyscale image with a transparent colour is composited like RGBA
+# Formats whose decoder holds its own full-size buffer besides Pillow's (measured: WebP 15.6 B/px).
+_FORMAT_EXTRA = {"WEBP": 16}
+
+
+def decode_cost(img: Image.Image, size: int = OUTPUT_SIZE) -> int:
+    """Estimated peak bytes to decode `img` (opened, header parsed, not loaded) to `size`."""
+    width, height = img.size
+    mode = img.mode
+    per_pixel = _BYTES_PER_PIXEL.get(mode, _UNKNOWN_MODE)
+    if "transparency" in img.info:
+        per_pixel = max(per_pixel, _ALPHA)
+    if img.format == "JPEG":
+        # libjpeg decodes at 1/k of the size (DCT scaling), whatever the mode.
+        k = _dct_scale(width, height, size)
+        width, height = -(-width // k), -(-height // k)
+    per_pixel += _FORMAT_EXTRA.get(img.format or "", 0)
+    frames = getattr(img, "n_frames", 1) or 1
+    if frames > 1:  # decoders of animations keep the previous frame for disposal/blending
+        per_pixel *= 2
+    return width * height * per_pixel
