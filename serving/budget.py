@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from PIL import Image
 
-from pipeline.preprocess import OUTPUT_SIZE, _dct_scale
+from pipeline.preprocess import OUTPUT_SIZE
 
 # Working bytes per pixel of the decoded source, by Pillow mode (measured: L 5.1, RGB 4.1,
 # P 5.2, PA 11.2, LA 14.2, RGBA 14.1, I;16 20.4).
@@ -32,6 +32,13 @@ _ALPHA = 16  # a palette or greyscale image with a transparent colour is composi
 _FORMAT_EXTRA = {"WEBP": 16}
 
 
+def _jpeg_scale(width: int, height: int, size: int) -> int:
+    """The DCT scale libjpeg decodes a JPEG at in contract 3's preprocessing: the largest k in
+    (8, 4, 2) that keeps the shorter side >= size (else 1). Arithmetic on the header only."""
+    shorter = min(width, height)
+    return next((k for k in (8, 4, 2) if -(-shorter // k) >= size), 1)
+
+
 def decode_cost(img: Image.Image, size: int = OUTPUT_SIZE) -> int:
     """Estimated peak bytes to decode `img` (opened, header parsed, not loaded) to `size`."""
     width, height = img.size
@@ -41,7 +48,7 @@ def decode_cost(img: Image.Image, size: int = OUTPUT_SIZE) -> int:
         per_pixel = max(per_pixel, _ALPHA)
     if img.format == "JPEG":
         # libjpeg decodes at 1/k of the size (DCT scaling), whatever the mode.
-        k = _dct_scale(width, height, size)
+        k = _jpeg_scale(width, height, size)
         width, height = -(-width // k), -(-height // k)
     per_pixel += _FORMAT_EXTRA.get(img.format or "", 0)
     frames = getattr(img, "n_frames", 1) or 1

@@ -64,7 +64,7 @@ def test_a_configured_but_empty_token_refuses_to_start(checkpoint, tmp_path, env
     (tmp_path / "EMPTY").write_text("\n")
     env = {k: str(tmp_path / v) if k == "token_file" else v for k, v in env.items()}
     r = subprocess.run([sys.executable, "-m", "serving", "--checkpoint", str(checkpoint), "--port", "1"],
-                       cwd=REPO, env=serving_env(**env), capture_output=True, text=True, timeout=60)
+                       cwd=REPO, env=serving_env(**env), capture_output=True, text=True, timeout=30)
     assert r.returncode == 2 and message in r.stderr, r.stderr
 
 
