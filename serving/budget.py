@@ -7,8 +7,8 @@ header (format, mode, size, frames, transparency) and returns the peak bytes tha
 `Settings.max_decode_bytes` is refused (413) before a pixel is decoded.
 
 Bytes per source pixel by mode were measured on this project's preprocessing (peak RSS
-above the process's fixed overhead, 4-megapixel images, Pillow 13; docs/benchmarks.md) and
-rounded up with margin: the estimate is an upper bound, not a guess in the middle.
+above the process's fixed overhead, 4-megapixel images, Pillow 13: benchmarks/decode_memory.py,
+docs/benchmarks.md) and rounded up: the estimate is an upper bound, not a guess in the middle.
 """
 
 from __future__ import annotations
@@ -17,17 +17,18 @@ from PIL import Image
 
 from pipeline.preprocess import OUTPUT_SIZE
 
-# Working bytes per pixel of the decoded source, by Pillow mode (measured: L 5.1, RGB 4.1,
-# P 5.2, PA 11.2, LA 14.2, RGBA 14.1, I;16 20.4).
+# Working bytes per pixel of the decoded source, by Pillow mode (benchmarks/decode_memory.py,
+# 2000x2000: 1 6.7, L 6.6, P 6.7, RGB 5.7, P+transparency 12.7, LA 15.7, RGBA 15.7, I;16 21.7,
+# RGB WebP 15.6).
 _BYTES_PER_PIXEL = {
-    "1": 6, "L": 6, "P": 6, "RGB": 6, "YCbCr": 6, "LAB": 6, "HSV": 6,
-    "CMYK": 8,  # 4 bytes decoded, then RGB
-    "LA": 16, "La": 16, "PA": 16, "RGBA": 16, "RGBa": 16, "RGBX": 16,  # composited on a background
+    "1": 8, "L": 8, "P": 8, "RGB": 8, "YCbCr": 8, "LAB": 8, "HSV": 8,
+    "CMYK": 10,  # 4 bytes decoded, then RGB
+    "LA": 20, "La": 20, "PA": 20, "RGBA": 20, "RGBa": 20, "RGBX": 20,  # composited on a background
     "I;16": 24, "I;16B": 24, "I;16L": 24, "I;16N": 24,  # 16-bit: scaled to 8 bits through wide temporaries
     "I": 32, "F": 32,
 }
 _UNKNOWN_MODE = 32
-_ALPHA = 16  # a palette or greyscale image with a transparent colour is composited like RGBA
+_ALPHA = 20  # a palette or greyscale image with a transparent colour is composited like RGBA
 # Formats whose decoder holds its own full-size buffer besides Pillow's (measured: WebP 15.6 B/px).
 _FORMAT_EXTRA = {"WEBP": 16}
 

@@ -37,8 +37,8 @@ def costs() -> dict[str, int]:
 
 
 def test_what_costs_more_to_decode_is_estimated_higher(costs):
-    assert costs["16-bit"] > 3 * costs["L"]  # 16-bit goes through wide temporaries
-    assert costs["P+alpha"] > 2 * costs["P"]  # composited through RGBA
+    assert costs["16-bit"] >= 3 * costs["L"]  # 16-bit goes through wide temporaries
+    assert costs["P+alpha"] >= 2 * costs["P"]  # composited through RGBA
     assert costs["RGBA"] > costs["RGB"]
     assert costs["2 frames"] == 2 * costs["RGB"]  # the decoder keeps the previous frame
     assert costs["CMYK JPEG"] > costs["RGB JPEG"]
