@@ -2,9 +2,10 @@
 
 - `Admission` (ASGI middleware): at most `max_in_flight` image requests (/predict, /embed,
   /similar) are served at once; one more gets 503 + Retry-After at once, before its body is
-  read. (The batcher's queue is the second bound: serving.batcher.QueueFull, also 503.)
+  read. (The second bound is in images: a request reserves room for its crops in the
+  batcher before its body is read; serving.batcher.QueueFull, also 503 at once.)
 - `within_deadline`: an accepted request that is not answered within `request_timeout_s`
-  gets 503 and its work is dropped (its queued images leave the batcher; a decode that has
+  gets 503 and its work is dropped (its room is released, its queued images are never run; a decode that has
   not started is cancelled; one already running finishes in its thread and is discarded).
 - `DecodePool`: at most `max_decodes` images decode at once, in their own threads.
 """

@@ -7,10 +7,12 @@ images or `max_wait_ms` has passed since that first item, runs one forward pass 
 thread (the event loop keeps accepting requests meanwhile), and hands every request its
 rows. With batching off, every request runs its own forward pass (the baseline).
 
-The queue holds at most `max_queue_images` images: `submit` raises `QueueFull` beyond that
-(the service answers 503 at once). A request that gives up (its deadline passed, its client
-left) cancels its future; its images leave the queue's count at once and the collector
-drops them without running them.
+The work is bounded in images: a request first `reserve`s room for its images (1 or 10
+crops), before its body is even read, and keeps it until it is answered; with
+`max_queue_images` reserved, `reserve` raises `QueueFull` (the service answers 503 at once,
+having spent nothing on the request). A request that gives up (its deadline passed, its
+client left) releases its room at once and cancels its future; the collector drops its
+images without running them.
 """
 
 from __future__ import annotations
@@ -25,14 +27,26 @@ import torch
 
 
 class QueueFull(Exception):
-    """The batcher's queue has no room for this request's images."""
+    """No room for this request's images."""
+
+
+class _Room:
+    def __init__(self, batcher: "MicroBatcher", images: int):
+        self._batcher, self._images = batcher, images
+
+    def __enter__(self) -> "_Room":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._images:
+            self._batcher._count(-self._images)
+            self._images = 0
 
 
 @dataclass(eq=False)
 class _Item:
     crops: np.ndarray  # (C, 3, S, S)
     future: asyncio.Future
-    queued: bool = True  # still counted in the queue's size
 
 
 class MicroBatcher:
@@ -46,9 +60,9 @@ class MicroBatcher:
         self.max_queue_images = max_queue_images
         self.enabled = enabled
         self.on_batch = on_batch or (lambda n: None)  # images per forward pass
-        self.on_queue = on_queue or (lambda n: None)  # images now queued
+        self.on_queue = on_queue or (lambda n: None)  # images now reserved
         self.on_drop = on_drop or (lambda n: None)  # images dropped unrun (their request gave up)
-        self.queued_images = 0
+        self.reserved = 0
         self._queue: asyncio.Queue[_Item] | None = None
         self._task: asyncio.Task | None = None
 
@@ -65,40 +79,32 @@ class MicroBatcher:
             except asyncio.CancelledError:
                 pass
 
-    async def submit(self, crops: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> (logits (C, K), embeddings (C, 4096)) for this request's crops. Raises QueueFull."""
-        n = len(crops)
-        if self.queued_images + n > self.max_queue_images:
-            raise QueueFull(f"{self.queued_images} images queued; room for {self.max_queue_images}")
-        if not self.enabled:
-            self._count(n)
-            try:
-                self.on_batch(n)
-                return await asyncio.to_thread(self.forward, crops)
-            finally:
-                self._count(-n)
-        item = _Item(crops, asyncio.get_running_loop().create_future())
-        item.future.add_done_callback(lambda f: self._dequeue(item))
-        self._count(n)
-        self._queue.put_nowait(item)
-        return await item.future
+    def reserve(self, images: int) -> "_Room":
+        """Room for a request's `images` while it is decoded, queued and run; released when
+        the returned context exits. Raises QueueFull at once when there is none."""
+        if self.reserved + images > self.max_queue_images:
+            raise QueueFull(f"{self.reserved} images on their way; room for {self.max_queue_images}")
+        self._count(images)
+        return _Room(self, images)
 
     def _count(self, n: int) -> None:
-        self.queued_images += n
-        self.on_queue(self.queued_images)
+        self.reserved += n
+        self.on_queue(self.reserved)
 
-    def _dequeue(self, item: _Item) -> None:
-        """Take `item` out of the queue's count (once): when collected, or when its request gives up."""
-        if item.queued:
-            item.queued = False
-            self._count(-len(item.crops))
+    async def submit(self, crops: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (logits (C, K), embeddings (C, 4096)) for this request's crops (inside `reserve`)."""
+        if not self.enabled:
+            self.on_batch(len(crops))
+            return await asyncio.to_thread(self.forward, crops)
+        item = _Item(crops, asyncio.get_running_loop().create_future())
+        self._queue.put_nowait(item)
+        return await item.future
 
     async def _next(self) -> _Item:
         """The next item whose request still waits; abandoned ones are dropped here."""
         while True:
             item = await self._queue.get()
             if not item.future.done():
-                self._dequeue(item)
                 return item
             self.on_drop(len(item.crops))
 

@@ -1,7 +1,7 @@
 """The service's Prometheus metrics, one registry per app (GET /metrics).
 
 Requests by endpoint and status, latency, batch sizes, checkpoint switches; the admission
-figures (requests in flight, images queued for the batcher, rejections by reason, images
+figures (requests in flight, images on their way to a forward pass, rejections by reason, images
 dropped unrun); and the process collector (RSS, CPU seconds, open file descriptors).
 """
 
@@ -31,7 +31,8 @@ class Metrics:
                                registry=self.registry)
         self.in_flight = Gauge("alexnet_in_flight_requests", "Image requests admitted and not yet answered",
                                registry=self.registry)
-        self.queued = Gauge("alexnet_queue_images", "Images waiting for the micro-batcher", registry=self.registry)
+        self.queued = Gauge("alexnet_queue_images", "Images of admitted requests being decoded, queued "
+                            "for the micro-batcher or run (the room they reserved)", registry=self.registry)
         self.rejected = Counter("alexnet_rejected_requests", "Requests refused by admission control, by reason "
                                 "(in_flight, queue_full, deadline)", ["reason"], registry=self.registry)
         self.dropped = Counter("alexnet_dropped_images", "Queued images never run: their request gave up",

@@ -39,26 +39,29 @@ public = APIRouter()
 
 
 async def _infer(request: Request, ten_crop: bool):
-    """Body -> crops -> (predictor, logits, embeddings, timing), within the request's deadline."""
+    """Body -> crops -> (predictor, logits, embeddings, timing), within the request's deadline
+    and the batcher's room (reserved first: a full server refuses before reading the body)."""
     state = request.app.state
     settings = state.settings
 
     async def work():
         predictor: Predictor = state.predictor
-        data = await read_image(request, settings)
-        t0 = time.perf_counter()
         try:
-            crops = await state.decoder.run(predictor.preprocess, data, ten_crop)
-        except ImageError as exc:
-            raise ApiError.from_image_error(exc) from None
-        t1 = time.perf_counter()
-        try:
-            logits, embeddings = await state.batcher.submit(crops)
+            room = state.batcher.reserve(10 if ten_crop else 1)
         except QueueFull as exc:
             state.metrics.rejected.labels("queue_full").inc()
-            raise overloaded("queue_full", f"the batch queue is full ({exc}); retry after the Retry-After "
-                                           "seconds", settings) from None
-        t2 = time.perf_counter()
+            raise overloaded("queue_full", f"the server is full ({exc}); retry after the Retry-After seconds",
+                             settings) from None
+        with room:
+            data = await read_image(request, settings)
+            t0 = time.perf_counter()
+            try:
+                crops = await state.decoder.run(predictor.preprocess, data, ten_crop)
+            except ImageError as exc:
+                raise ApiError.from_image_error(exc) from None
+            t1 = time.perf_counter()
+            logits, embeddings = await state.batcher.submit(crops)
+            t2 = time.perf_counter()
         timing = {"preprocess_ms": round((t1 - t0) * 1e3, 2), "inference_ms": round((t2 - t1) * 1e3, 2)}
         return predictor, logits, embeddings, timing
 

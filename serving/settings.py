@@ -10,8 +10,8 @@ Kubernetes secret). Unset = no auth (only sensible on loopback). Set but empty, 
 file, or both at once: refused at start-up, so a typo can never mean "open".
 
 The admission defaults are sized for the 2-core CPU reference machine (the model's forward
-pass does ~70 images/s there at batch 32, benchmarks/serve.py): 128 queued images are ~2 s
-of work; raise max_queue_images and max_decodes with the cores or a GPU. Worst-case memory
+pass does 50-70 images/s there at batch 32, benchmarks/serve.py): 128 images on their way
+are ~2 s of work; raise max_queue_images and max_decodes with the cores or a GPU. Worst-case memory
 of the request path: max_in_flight x max_upload_bytes of bodies (640 MiB) + max_decodes x
 max_decode_bytes of decoding (512 MiB) + the queue (128 x ~0.6 MB of crops), ~1.2 GB with
 the defaults, on top of the process with the model loaded (~0.6 GB); deploy/README.md has
@@ -44,7 +44,7 @@ class Settings(BaseSettings):
 
     # Bounded work (admission control). Over a bound: 503 + Retry-After at once.
     max_in_flight: int = Field(64, ge=1)  # image requests (predict/embed/similar) being served at once
-    max_queue_images: int = Field(128, ge=1)  # images waiting for the micro-batcher
+    max_queue_images: int = Field(128, ge=1)  # images of admitted requests being decoded, queued or run
     request_timeout_s: float = Field(10.0, gt=0)  # deadline of an accepted request: then 503, work dropped
     retry_after_s: int = Field(1, ge=0)  # the Retry-After a 503 carries
     max_connections: int = Field(512, ge=1)  # uvicorn's limit_concurrency (connections + tasks): 503 beyond
