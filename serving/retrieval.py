@@ -26,6 +26,7 @@ import torch
 
 from pipeline.preprocess import ImageError
 from pipeline.transforms import eval_crops
+from serving.settings import Settings
 
 log = logging.getLogger("serving.retrieval")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
@@ -105,10 +106,12 @@ def _shard_items(tars: list[tuple[str, Path]], predictor) -> Iterator[tuple[str,
                     yield key, f"{name}:{key}", eval_crops(pixels, predictor.input_size, predictor.norm)
 
 
-def build_index(path: Path, predictor, split: str = "val", batch: int = 32, limit: int | None = None,
+def build_index(path: Path, predictor, split: str = "val", batch: int | None = None, limit: int | None = None,
                 roots: Sequence[Path] | None = None, stop: threading.Event | None = None) -> Index:
-    """Embed every image under `path` (a folder, or a shard set's `split`), reading only
-    under `roots` (default: `path` itself). Raises Cancelled once `stop` is set."""
+    """Embed every image under `path` (a folder, or a shard set's `split`), `batch` images per
+    forward pass (default: the service's max_batch), reading only under `roots` (default:
+    `path` itself). Raises Cancelled once `stop` is set."""
+    batch = batch or Settings.model_construct().max_batch
     path = Path(path).resolve()
     roots = list(roots) if roots is not None else [path]
     if (path / MANIFEST).is_file():
