@@ -1,15 +1,21 @@
-"""Sharder speed on real photographs, against a naive baseline and the decode floor, in one run.
+"""The sharding command, timed as a user runs it, against a naive sharder in the same run.
 
-    python -m benchmarks.shard [--photos ../shared/photos] [--repeat 5]
+    python -m benchmarks.shard [--photos ../shared/photos] [--rounds 3]
 
-Per size class (ImageNet-size ~500x375, made from the photos; and the photos themselves,
->= 1000 px a side), per image, single process:
-- naive:    PIL full decode, bilinear resize of the whole image, centre crop, encode q90
-- ours:     pipeline.preprocess.prepare_image + encode_jpeg (what the sharder runs)
-- floor:    the JPEG decode alone at the smallest DCT scale keeping the shorter side >= 256
-plus output PSNR against a full-decode LANCZOS reference, and the whole sharder
-(`pipeline.shard`) at 1 vs 2 worker processes on a raw tree built from the photos.
-Prints JSON.
+For two classes of real photographs (../shared/photos re-encoded at 640x480-class size, as
+most of ImageNet is; and the originals of >= 1000 px a side):
+- ours:  `python -m pipeline.shard --src TREE --out OUT --workers W --quiet` as a subprocess,
+         on the first N1 and then all N2 files of a raw tree (`--limit N1`); the per-image
+         cost is the marginal (T(N2) - T(N1)) / (N2 - N1), so interpreter start-up, imports
+         and worker spawning are excluded and everything per image (read, decode, resize,
+         encode, stats, tar, index, records) is included.
+- naive: a sharder loop written the obvious way, run in this process over the same N2 files:
+         read, Pillow full decode, bilinear resize of the whole image (shorter side 256),
+         centre crop, Pillow JPEG q90, tarfile. Per image = total / N2.
+Rounds alternate ours and naive; the figures are medians over rounds. Also: 1 vs 2 worker
+processes (640x480 class), the share of stats.json's accumulation in our per-image time,
+the JPEG decode floor, and PSNR of ours and naive against a Lanczos reference of the same
+centre square. Prints JSON.
 """
 
 from __future__ import annotations
@@ -20,7 +26,11 @@ import json
 import logging
 import os
 import platform
+import shutil
 import statistics
+import subprocess
+import sys
+import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -29,130 +39,184 @@ import numpy as np
 import simplejpeg
 from PIL import Image
 
-from pipeline.preprocess import encode_jpeg, prepare_image
-from pipeline.shard import ShardConfig, run
+from pipeline.decode import dct_scale
+from pipeline.preprocess import DEFAULT_JPEG_QUALITY, OUTPUT_SIZE, encode_jpeg, prepare_image
+from pipeline.resample import centre_square
+from pipeline.stats import PixelMoments
 
 REPO = Path(__file__).resolve().parents[1]
+log = logging.getLogger("benchmarks.shard")
 
 
-def naive(data: bytes) -> bytes:
+def naive_sample(data: bytes) -> bytes:
     img = Image.open(io.BytesIO(data)).convert("RGB")
     w, h = img.size
-    s = 256 / min(w, h)
-    img = img.resize((max(256, round(w * s)), max(256, round(h * s))), Image.BILINEAR)
-    left, top = (img.size[0] - 256) // 2, (img.size[1] - 256) // 2
+    s = OUTPUT_SIZE / min(w, h)
+    img = img.resize((max(OUTPUT_SIZE, round(w * s)), max(OUTPUT_SIZE, round(h * s))), Image.BILINEAR)
+    left, top = (img.size[0] - OUTPUT_SIZE) // 2, (img.size[1] - OUTPUT_SIZE) // 2
     buf = io.BytesIO()
-    img.crop((left, top, left + 256, top + 256)).save(buf, format="JPEG", quality=90)
+    img.crop((left, top, left + OUTPUT_SIZE, top + OUTPUT_SIZE)).save(buf, format="JPEG", quality=DEFAULT_JPEG_QUALITY)
     return buf.getvalue()
 
 
-def ours(data: bytes) -> bytes:
-    return encode_jpeg(prepare_image(data).pixels, 90)
+def naive_sharder(files: list[Path], out: Path) -> float:
+    """The baseline: the obvious loop, one tar. Seconds per image."""
+    t = time.perf_counter()
+    with tarfile.open(out, "w") as tar:
+        for i, path in enumerate(files):
+            jpg = naive_sample(path.read_bytes())
+            for ext, payload in (("jpg", jpg), ("cls", str(i % 4).encode())):
+                info = tarfile.TarInfo(f"{path.stem}.{ext}")
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    return (time.perf_counter() - t) / len(files)
 
 
-def floor(data: bytes) -> None:
-    """The decode alone, at the smallest libjpeg-turbo n/8 scale keeping the shorter side >= 256."""
-    h, w = simplejpeg.decode_jpeg_header(data)[:2]
-    s = 256 / min(w, h)
-    simplejpeg.decode_jpeg(data, min_width=int(np.ceil(w * s)), min_height=int(np.ceil(h * s)))
+def shard_command(src: Path, out: Path, workers: int, shard_size: int, limit: int | None) -> float:
+    """Wall seconds of `python -m pipeline.shard` end to end."""
+    cmd = [sys.executable, "-m", "pipeline.shard", "--src", str(src), "--out", str(out), "--workers", str(workers),
+           "--shard-size", str(shard_size), "--quiet", "--ray-address", "off"]
+    if limit:
+        cmd += ["--limit", str(limit)]
+    t = time.perf_counter()
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    dt = time.perf_counter() - t
+    if r.returncode != 0:
+        raise RuntimeError(f"pipeline.shard failed: {r.stderr[-2000:]}")
+    shutil.rmtree(out)
+    return dt
 
 
-def reference(data: bytes) -> np.ndarray:
+def marginal(src: Path, tmp: Path, workers: int, shard_size: int, n1: int, n2: int) -> float:
+    """Seconds per image of the command between a run over n1 and one over n2 files."""
+    t1 = shard_command(src, tmp / "out1", workers, shard_size, n1)
+    t2 = shard_command(src, tmp / "out2", workers, shard_size, None)
+    return (t2 - t1) / (n2 - n1)
+
+
+def make_tree(photos: list[bytes], root: Path, n: int) -> list[Path]:
+    """n files, the photos cycled, over 4 class folders (a raw ImageNet train layout)."""
+    files = []
+    for i in range(n):
+        path = root / "train" / f"n0000000{i % 4}" / f"img_{i:06d}.JPEG"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(photos[i % len(photos)])
+        files.append(path)
+    return sorted(files)
+
+
+def resized(data: bytes, max_side: int) -> bytes:
+    """A photo re-encoded with its longer side `max_side` (q90, as Flickr JPEGs were)."""
     img = Image.open(io.BytesIO(data)).convert("RGB")
-    w, h = img.size
-    s = 256 / min(w, h)
-    img = img.resize((max(256, round(w * s)), max(256, round(h * s))), Image.LANCZOS)
-    left, top = (img.size[0] - 256) // 2, (img.size[1] - 256) // 2
-    return np.asarray(img.crop((left, top, left + 256, top + 256)), dtype=np.float64)
-
-
-def psnr(out_jpeg: bytes, ref: np.ndarray) -> float:
-    out = np.asarray(Image.open(io.BytesIO(out_jpeg)), dtype=np.float64)
-    return float(10 * np.log10(255**2 / np.mean((out - ref) ** 2)))
-
-
-def imagenet_size(data: bytes) -> bytes:
-    """A photo re-encoded at ImageNet's typical size (~500x375, q90, as Flickr JPEGs were)."""
-    img = Image.open(io.BytesIO(data)).convert("RGB")
-    w, h = img.size
-    s = 500 / max(w, h)
+    s = max_side / max(img.size)
     buf = io.BytesIO()
-    img.resize((round(w * s), round(h * s)), Image.LANCZOS).save(buf, format="JPEG", quality=90)
+    img.resize((round(img.size[0] * s), round(img.size[1] * s)), Image.LANCZOS).save(buf, format="JPEG", quality=90)
     return buf.getvalue()
 
 
-def time_per_image(fn, images: list[bytes], repeat: int) -> float:
-    """Median over `repeat` passes of the mean seconds per image."""
-    passes = []
+def square_reference(data: bytes) -> np.ndarray:
+    img = Image.open(io.BytesIO(data)).convert("RGB")
+    left, top, side = centre_square(*img.size)
+    return np.asarray(img.crop((left, top, left + side, top + side)).resize((OUTPUT_SIZE, OUTPUT_SIZE), Image.LANCZOS),
+                      dtype=np.float64)
+
+
+def psnr(pixels: np.ndarray, ref: np.ndarray) -> float:
+    return float(10 * np.log10(255**2 / np.mean((pixels.astype(np.float64) - ref) ** 2)))
+
+
+def per_image(fn, images: list[bytes], repeat: int = 5) -> float:
+    best = []
     for _ in range(repeat):
         t = time.perf_counter()
-        for data in images:
-            fn(data)
-        passes.append((time.perf_counter() - t) / len(images))
-    return statistics.median(passes)
+        for d in images:
+            fn(d)
+        best.append((time.perf_counter() - t) / len(images))
+    return statistics.median(best)
 
 
-def bench_size_class(images: list[bytes], repeat: int) -> dict:
-    t_naive, t_ours, t_floor = (time_per_image(f, images, repeat) for f in (naive, ours, floor))
-    refs = [reference(d) for d in images]
-    return {
-        "images": len(images),
-        "mean_size": [round(float(np.mean([Image.open(io.BytesIO(d)).size[i] for d in images]))) for i in (0, 1)],
-        "naive_ms": round(t_naive * 1e3, 3),
-        "ours_ms": round(t_ours * 1e3, 3),
-        "floor_ms": round(t_floor * 1e3, 3),
-        "speedup_vs_naive": round(t_naive / t_ours, 2),
-        "floor_speedup_vs_naive": round(t_naive / t_floor, 2),
-        "ours_over_floor": round(t_ours / t_floor, 2),
-        "psnr_ours_db": round(float(np.mean([psnr(ours(d), r) for d, r in zip(images, refs)])), 2),
-        "psnr_naive_db": round(float(np.mean([psnr(naive(d), r) for d, r in zip(images, refs)])), 2),
+def decode_floor(data: bytes) -> None:
+    h, w = simplejpeg.decode_jpeg_header(data)[:2]
+    k = dct_scale(w, h, OUTPUT_SIZE)
+    simplejpeg.decode_jpeg(data, min_width=-(-w // k), min_height=-(-h // k))
+
+
+def bench_class(photos: list[bytes], tmp: Path, n1: int, n2: int, shard_size: int, rounds: int,
+                workers: tuple[int, ...]) -> dict:
+    src = tmp / "raw"
+    files = make_tree(photos, src, n2)
+    ours = {w: [] for w in workers}
+    naive = []
+    for r in range(rounds):
+        naive.append(naive_sharder(files, tmp / "naive.tar"))
+        for w in workers:
+            ours[w].append(marginal(src, tmp, w, shard_size, n1, n2))
+        log.info("round %d: naive %.2f ms, ours %s", r + 1, naive[-1] * 1e3,
+                 ", ".join(f"{w} worker(s) {ours[w][-1] * 1e3:.2f} ms" for w in workers))
+    shutil.rmtree(src)
+    (tmp / "naive.tar").unlink()
+    ours_ms = {w: statistics.median(v) * 1e3 for w, v in ours.items()}
+    naive_ms = statistics.median(naive) * 1e3
+    prepared = [prepare_image(d).pixels for d in photos]
+
+    def stats_of(px):
+        PixelMoments().add_image(px)
+    stats_ms = per_image(stats_of, prepared) * 1e3
+    refs = [square_reference(d) for d in photos]
+    out = {
+        "photos": len(photos),
+        "mean_size": [round(float(np.mean([Image.open(io.BytesIO(d)).size[i] for d in photos]))) for i in (0, 1)],
+        "images_n1_n2": [n1, n2],
+        "shard_size": shard_size,
+        "naive_ms_per_image": round(naive_ms, 3),
+        "ours_ms_per_image": {f"workers_{w}": round(v, 3) for w, v in ours_ms.items()},
+        "speedup_vs_naive": {f"workers_{w}": round(naive_ms / v, 2) for w, v in ours_ms.items()},
+        "rounds": {"naive_ms": [round(v * 1e3, 3) for v in naive],
+                   **{f"ours_workers_{w}_ms": [round(v * 1e3, 3) for v in ours[w]] for w in workers}},
+        "function_ms_per_image": round(per_image(lambda d: encode_jpeg(prepare_image(d).pixels), photos) * 1e3, 3),
+        "decode_floor_ms_per_image": round(per_image(decode_floor, photos) * 1e3, 3),
+        "stats_ms_per_image": round(stats_ms, 4),
+        "stats_share_of_ours_1_worker": round(stats_ms / ours_ms[1], 4) if 1 in ours_ms else None,
+        "psnr_vs_lanczos_db": {
+            "ours": round(float(np.mean([psnr(p, r) for p, r in zip(prepared, refs)])), 2),
+            "naive": round(float(np.mean([psnr(np.asarray(Image.open(io.BytesIO(naive_sample(d)))), r)
+                                          for d, r in zip(photos, refs)])), 2)},
     }
-
-
-def bench_workers(photos: list[bytes], per_class: int) -> dict:
-    """The whole sharder on a raw tree of ImageNet-size photos, 1 vs 2 worker processes."""
-    results = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        src = Path(tmp) / "raw"
-        small = [imagenet_size(d) for d in photos]
-        for c in range(4):
-            folder = src / "train" / f"n0000000{c}"
-            folder.mkdir(parents=True)
-            for k in range(per_class):
-                (folder / f"img_{k}.JPEG").write_bytes(small[(c * per_class + k) % len(small)])
-        n = 4 * per_class
-        for workers in (1, 2):
-            t = time.perf_counter()
-            run(ShardConfig(src=src, out=Path(tmp) / f"out{workers}", workers=workers, samples_per_shard=32,
-                            progress=False))
-            dt = time.perf_counter() - t
-            results[f"workers_{workers}_img_per_s"] = round(n / dt, 1)
-        results["scaling_2_over_1"] = round(results["workers_2_img_per_s"] / results["workers_1_img_per_s"], 2)
-        results["images"] = n
-    return results
+    if 1 in ours_ms and 2 in ours_ms:
+        out["two_workers_over_one"] = round(ours_ms[1] / ours_ms[2], 2)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.WARNING)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--photos", type=Path, default=REPO.parent / "shared" / "photos")
-    p.add_argument("--repeat", type=int, default=5)
-    p.add_argument("--per-class", type=int, default=256, help="images per class in the 1-vs-2-worker tree")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--small", type=int, nargs=2, default=(512, 1536), metavar=("N1", "N2"),
+                   help="set sizes for the 640x480-class photos")
+    p.add_argument("--large", type=int, nargs=2, default=(96, 288), metavar=("N1", "N2"),
+                   help="set sizes for the >= 1000 px photos")
     a = p.parse_args(argv)
     files = sorted(a.photos.glob("*.jpg"))
     if not files:
         p.error(f"no .jpg photographs in {a.photos}")
     photos = [f.read_bytes() for f in files]
     large = [d for d in photos if min(Image.open(io.BytesIO(d)).size) >= 1000]
-    result = {
-        "benchmark": "shard",
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                    "python": platform.python_version(), "pillow": Image.__version__},
-        "photos": str(a.photos),
-        "imagenet_size": bench_size_class([imagenet_size(d) for d in photos], a.repeat),
-        "large_ge_1000px": bench_size_class(large, a.repeat),
-        "sharder": bench_workers(photos, a.per_class),
-    }
+    vga = [resized(d, 640) for d in photos]
+    with tempfile.TemporaryDirectory() as tmp:
+        result = {
+            "benchmark": "shard",
+            "command": "python -m pipeline.shard --src TREE --out OUT --workers W --shard-size S --quiet",
+            "per_image": "marginal: (T(N2) - T(N1)) / (N2 - N1), median over rounds",
+            "baseline": "naive sharder loop in this process: read, Pillow full decode, bilinear resize, centre "
+                        "crop, Pillow JPEG q90, tarfile",
+            "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                        "python": platform.python_version(), "pillow": Image.__version__,
+                        "simplejpeg": simplejpeg.__version__},
+            "photos": str(a.photos),
+            "640x480_class": bench_class(vga, Path(tmp), *a.small, shard_size=256, rounds=a.rounds, workers=(1, 2)),
+            "large_ge_1000px": bench_class(large, Path(tmp), *a.large, shard_size=48, rounds=a.rounds, workers=(1,)),
+        }
     print(json.dumps(result, indent=2))
     return 0
 

@@ -1,4 +1,5 @@
-"""`python -m deploy.healthcheck CHECK`: the compose services' healthchecks.
+"""`python -m deploy.healthcheck CHECK`: the compose services' healthchecks, and the probes of
+the Ray pods on Kubernetes (deploy/k8s: KubeRay's own probes call wget, which the image lacks).
 
     ray-jobs URL   the Ray job API answers at URL (with the cluster's token when auth is on)
     raylet         a raylet runs in this container (a Ray node that has joined its cluster)
@@ -50,13 +51,17 @@ def raylet_running(proc: Path = Path("/proc")) -> bool:
     return False
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m deploy.healthcheck", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="check", required=True)
     sub.add_parser("ray-jobs").add_argument("url", help="Ray dashboard address, e.g. http://127.0.0.1:8265")
     sub.add_parser("raylet")
     sub.add_parser("http").add_argument("url")
-    a = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
     if a.check == "ray-jobs":
         ok = http_ok(a.url.rstrip("/") + "/api/jobs/", ray_token())
     elif a.check == "raylet":

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.classes import ImageClass, build_classes, bundled_names, read_synset_mapping
+from pipeline.shardset import SPLITS  # the raw split folders are named as the shard set's
 
 IMAGE_ROOTS = (".", "ILSVRC/Data/CLS-LOC", "Data/CLS-LOC")
 KAGGLE_VAL_CSV = "LOC_val_solution.csv"
@@ -26,7 +27,6 @@ KAGGLE_SYNSET_MAPPING = "LOC_synset_mapping.txt"
 DEVKIT_GROUND_TRUTH = "ILSVRC2012_validation_ground_truth.txt"
 DEVKIT_META = "meta.mat"
 _DEVKIT_VAL_NAME = re.compile(r"ILSVRC2012_val_(\d{8})")
-SPLITS = ("train", "val")
 
 
 class LayoutError(ValueError):

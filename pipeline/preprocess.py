@@ -4,19 +4,21 @@ The paper's only preprocessing: rescale so the SHORTER side is 256, crop the cen
 256x256 patch. The sharder calls `prepare_image` for every ImageNet file and serving calls
 the same function on every uploaded image, so training and serving see the same pixels.
 
-Where the time goes, and the levers used (measured in benchmarks/shard.py):
-- Pillow reads only the header first: format, size, EXIF orientation, and the bomb check
-  before any pixel is allocated.
-- Plain JPEGs (nearly all of ImageNet) are decoded by libjpeg-turbo through simplejpeg at
-  the smallest power-of-two DCT scale (1/2, 1/4, 1/8) that keeps the shorter side >= 256,
-  so a 2000x1500 photo is decoded as 500x375, never as 3 MP. (Non-power-of-two n/8 scales
-  use a slower IDCT and cost more than they save.) Everything else (PNG, CMYK, 16-bit,
-  palette, ...) goes through Pillow.
-- Only the central square is resampled, with OpenCV's cubic resize (Pillow's resampler is
-  ~6x slower here); DCT scaling has already brought the ratio under 2, where cubic
-  interpolation needs no anti-alias prefilter.
-- EXIF orientation is applied to the 256x256 result: flips and quarter turns commute with a
-  centred square crop and a square resize, so the answer is the same and 10x cheaper.
+Steps, and where each lives:
+- `open_image` reads only the header: format (from the content, never the file name), size,
+  and the decompression-bomb check before any pixel is allocated. `read_header` reports the
+  same facts (and the frame count and decode memory) for callers that budget work.
+- pipeline.decode decodes strictly (the whole image or ImageError: its docstring has the
+  policy per format). Plain JPEGs (nearly all of ImageNet) go through libjpeg-turbo at the
+  smallest power-of-two DCT scale that keeps the shorter side >= 256, so a 2000x1500 photo is
+  decoded as 500x375, never as 3 MP; the DCT scaling is itself an anti-aliased reduction.
+  Everything else goes through Pillow, and every mode ends as 8-bit RGB (16-bit and float
+  greyscale scaled to 0..255, not clipped; transparency composited onto white).
+- pipeline.resample shrinks only the central square, anti-aliased at every ratio (a
+  Lanczos-3 low-pass widened by the ratio, then a cubic interpolation).
+- EXIF orientation, read after the decode succeeded, is applied to the 256x256 result:
+  flips and quarter turns commute with a centred square crop and a square resize, so the
+  answer is the same and 10x cheaper.
 """
 
 from __future__ import annotations
@@ -30,16 +32,17 @@ import numpy as np
 import simplejpeg
 from PIL import Image, UnidentifiedImageError
 
-cv2.setNumThreads(1)  # one image per call; parallelism comes from worker processes
+from pipeline.decode import JPEG_FORMATS, DecodeError, dct_scale, decode_jpeg, pillow_square
+from pipeline.resample import resize_square
 
 OUTPUT_SIZE = 256
 DEFAULT_JPEG_QUALITY = 90
 # Pillow's own default bomb limit (~89 MP, 0.25 GiB as RGB). The largest ImageNet
 # training image is ~12 MP; anything far bigger is a bomb or not a photograph.
 DEFAULT_MAX_PIXELS = 89_478_485
-# Transparent pixels are composited onto this colour: deterministic, unlike whatever
-# colour happens to be stored under alpha=0.
-ALPHA_BACKGROUND = (255, 255, 255)
+# Bumped whenever the pixels prepare_image returns for the same bytes change; it is part of
+# every shard's fingerprint, so a rerun over an older shard set rewrites its shards.
+PREPROCESS_VERSION = 2  # 2: strict decoding, anti-aliased resampling
 
 
 class ImageError(ValueError):
@@ -76,8 +79,9 @@ def open_image(
         raise ImageError("empty file")
     try:
         with warnings.catch_warnings():
-            # We enforce our own limit below; keep Pillow's global one from warning.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            # We enforce our own pixel limit below, and a broken metadata block is reported by
+            # the decode or not at all: keep Pillow's warnings out of the sharder's log.
+            warnings.simplefilter("ignore")
             img = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
         raise ImageError("not an image (content matches no known image format)") from None
@@ -105,6 +109,45 @@ def open_image(
     return img
 
 
+# Bytes per pixel of Pillow's in-memory image for each mode (RGB is stored as 4 bytes).
+_PILLOW_PIXEL_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16B": 2, "I;16L": 2, "I;16N": 2}
+_MODE_BITS = {"1": 1, "I;16": 16, "I;16B": 16, "I;16L": 16, "I;16N": 16, "I": 32, "F": 32}
+
+
+@dataclass(frozen=True)
+class ImageHeader:
+    """What the header says, before any pixel is decoded (`read_header`)."""
+
+    format: str
+    width: int
+    height: int
+    mode: str  # Pillow's mode: RGB, L, P, CMYK, I;16, ...
+    bits: int  # per sample, as decoded (Pillow reads 16-bit RGB PNGs as 8-bit RGB)
+    frames: int
+    decode_bytes: int  # the decoded pixels prepare_image holds at once (working copies aside)
+
+
+def header_of(img: Image.Image, size: int = OUTPUT_SIZE) -> ImageHeader:
+    """The header facts of an image `open_image` returned (it has not been decoded)."""
+    width, height = img.size
+    fmt = img.format or "unknown"
+    if fmt in JPEG_FORMATS:  # libjpeg-turbo decodes at a DCT scale, 3 or 4 bytes a pixel
+        k = dct_scale(width, height, size)
+        decode_bytes = -(-width // k) * -(-height // k) * (4 if img.mode == "CMYK" else 3)
+    else:
+        decode_bytes = width * height * _PILLOW_PIXEL_BYTES.get(img.mode, 4)
+    return ImageHeader(format=fmt, width=width, height=height, mode=img.mode, bits=_MODE_BITS.get(img.mode, 8),
+                       frames=int(getattr(img, "n_frames", 1)), decode_bytes=decode_bytes)
+
+
+def read_header(data: bytes, *, size: int = OUTPUT_SIZE, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageHeader:
+    """Format, size, mode, bit depth, frame count and decode memory of `data`, from its
+    header alone (raises ImageError as `open_image` does). For a caller that budgets decode
+    work before calling `prepare_image`. Counting a GIF's frames walks the file's frame
+    headers (no pixel is decoded); the other formats state it in their header."""
+    return header_of(open_image(data, max_pixels=max_pixels), size)
+
+
 # EXIF Orientation tag -> the Pillow transpose that shows the image upright (as exif_transpose).
 _ORIENTATION = {
     2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
@@ -114,77 +157,16 @@ _ORIENTATION = {
 EXIF_ORIENTATION_TAG = 0x0112
 
 
-def _dct_scale(width: int, height: int, size: int) -> int:
-    """Largest k in (8, 4, 2, 1) with the shorter side still >= size after decoding at 1/k."""
-    shorter = min(width, height)
-    for k in (8, 4, 2):
-        if -(-shorter // k) >= size:
-            return k
-    return 1
-
-
-def _decode_jpeg_fast(data: bytes, img: Image.Image, size: int) -> np.ndarray | None:
-    """libjpeg-turbo decode at a DCT scale; None when the file needs Pillow's care (CMYK,
-    or a stream with recoverable errors, which Pillow judges: lenient on stray bytes,
-    strict on truncation)."""
-    if img.format != "JPEG" or img.mode not in ("RGB", "L"):
-        return None
-    k = _dct_scale(*img.size, size)
+def _orientation(img: Image.Image) -> int | None:
+    """The EXIF orientation. Called only after the pixels decoded in full (for a PNG,
+    getexif() would otherwise load the pixels itself). A broken EXIF block leaves the
+    orientation unknown; the pixels are whole, so the image is kept as stored."""
     try:
-        return simplejpeg.decode_jpeg(data, colorspace="RGB", min_width=-(-img.size[0] // k),
-                                      min_height=-(-img.size[1] // k), strict=True)
-    except ValueError:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Pillow warns "Corrupt EXIF data"
+            return img.getexif().get(EXIF_ORIENTATION_TAG)
+    except Exception:
         return None
-
-
-def _decode_with_pillow(img: Image.Image, size: int) -> np.ndarray:
-    if img.format == "JPEG":  # CMYK and friends still get DCT scaling through draft()
-        k = _dct_scale(*img.size, size)
-        if k > 1:
-            img.draft(img.mode, (-(-img.size[0] // k), -(-img.size[1] // k)))
-    img.load()  # decode now, so a truncated/corrupt file fails here with its reason
-    return np.asarray(_to_rgb(img), dtype=np.uint8)
-
-
-def center_square(pixels: np.ndarray) -> np.ndarray:
-    """The central shorter-side x shorter-side square (a view, no copy)."""
-    height, width = pixels.shape[:2]
-    side = min(height, width)
-    top, left = (height - side) // 2, (width - side) // 2
-    return pixels[top:top + side, left:left + side]
-
-
-def resize_square(square: np.ndarray, size: int) -> np.ndarray:
-    if square.shape[0] == size:
-        return np.ascontiguousarray(square)
-    return cv2.resize(np.ascontiguousarray(square), (size, size), interpolation=cv2.INTER_CUBIC)
-
-
-def _to_rgb(img: Image.Image) -> Image.Image:
-    """Every mode ImageNet really has (and a few more) -> 8-bit RGB."""
-    mode = img.mode
-    if mode == "RGB":
-        return img
-    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        # 16/32-bit greyscale: Pillow's convert("L") clips at 255 instead of scaling.
-        arr = np.asarray(img).astype(np.float64)
-        top = 65535.0 if mode.startswith("I;16") or arr.max() > 255 else 255.0
-        arr = np.clip(np.rint(arr * (255.0 / top)), 0, 255).astype(np.uint8)
-        return Image.fromarray(arr, "L").convert("RGB")
-    if mode == "F":
-        arr = np.asarray(img, dtype=np.float64)
-        top = 1.0 if arr.max() <= 1.0 else 255.0
-        arr = np.clip(np.rint(arr * (255.0 / top)), 0, 255).astype(np.uint8)
-        return Image.fromarray(arr, "L").convert("RGB")
-    has_alpha = mode in ("RGBA", "LA", "PA", "La", "RGBa") or (
-        mode == "P" and "transparency" in img.info
-    ) or (mode in ("L", "RGB") and "transparency" in img.info)
-    if has_alpha:
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, ALPHA_BACKGROUND + (255,))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    # L, 1, P, CMYK (Adobe-inverted CMYK is handled by Pillow's decoder), YCbCr, LAB, HSV.
-    return img.convert("RGB")
 
 
 def prepare_image(
@@ -206,25 +188,22 @@ def prepare_image(
     fmt = img.format or "unknown"
     source_size = img.size
     try:
-        orientation = img.getexif().get(EXIF_ORIENTATION_TAG)
-    except Exception:  # a broken EXIF block is not a reason to drop a photo
-        orientation = None
-    try:
-        decoded = _decode_jpeg_fast(data, img, size)
-        if decoded is None:
-            decoded = _decode_with_pillow(img, size)
-        pixels = resize_square(center_square(decoded), size)
-    except ImageError:
-        raise
+        if fmt in JPEG_FORMATS:
+            pixels = resize_square(decode_jpeg(data, img, size), size)
+        else:
+            pixels = pillow_square(data, img, size)
+    except DecodeError as exc:
+        raise ImageError(str(exc)) from None
+    except Image.DecompressionBombError as exc:
+        raise ImageError(f"decompression bomb: {exc}", kind="too_large") from None
     except (OSError, SyntaxError, ValueError, EOFError, cv2.error) as exc:
         # Pillow reports truncation and corrupt streams as OSError/SyntaxError/ValueError.
         raise ImageError(f"corrupt or truncated image data ({fmt}): {exc}") from None
-    except Image.DecompressionBombError as exc:
-        raise ImageError(f"decompression bomb: {exc}", kind="too_large") from None
+    orientation = _orientation(img)
     if orientation in _ORIENTATION:
         pixels = np.asarray(Image.fromarray(pixels).transpose(_ORIENTATION[orientation]))
-    if pixels.shape != (size, size, 3):  # defensive: never let a bad array into a shard
-        raise ImageError(f"unexpected decoded shape {pixels.shape}")
+    if pixels.shape != (size, size, 3) or pixels.dtype != np.uint8:  # never let a bad array into a shard
+        raise ImageError(f"unexpected decoded array {pixels.dtype} {pixels.shape}")
     return PreparedImage(pixels=pixels, source_format=fmt, source_size=source_size)
 
 

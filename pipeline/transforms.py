@@ -64,6 +64,11 @@ class Lighting:
         """lambda_k on the [0, 1] scale expressed in 0-255 output units: shift = P^T (alpha * w)."""
         return np.asarray(self.eigenvalues, dtype=np.float64) / PCA_PIXEL_SCALE
 
+    def shift(self, alpha: np.ndarray) -> np.ndarray:
+        """The RGB shift (0-255 units) for draws alpha (..., 3): sum_k p_k * alpha_k * w_k,
+        one row per image. The DALI pipeline computes the same sum in its graph."""
+        return (np.asarray(alpha, dtype=np.float64) * self.shift_weights()) @ np.asarray(self.eigenvectors, np.float64)
+
     def shift_covariance(self) -> np.ndarray:
         """Covariance of the added RGB shift over draws: P^T diag((alpha_std * w)^2) P."""
         p = np.asarray(self.eigenvectors, dtype=np.float64)
@@ -85,11 +90,12 @@ def ten_crop_boxes(size: int, crop: int) -> list[tuple[int, int, bool]]:
 
 
 def normalize_chw(patch_hwc: np.ndarray, norm: Normalization) -> np.ndarray:
-    """uint8 HWC patch -> float32 CHW, (x - mean) / std."""
-    x = patch_hwc.astype(np.float32)
-    x -= np.asarray(norm.mean, dtype=np.float32)
-    x /= np.asarray(norm.std, dtype=np.float32)
-    return np.ascontiguousarray(x.transpose(2, 0, 1))
+    """uint8 HWC patch -> float32 CHW, (x - mean) / std. (The uint8 transpose first: a
+    float copy through a transposed view costs several times more.)"""
+    x = np.ascontiguousarray(patch_hwc.transpose(2, 0, 1)).astype(np.float32)
+    x -= np.asarray(norm.mean, dtype=np.float32)[:, None, None]
+    x /= np.asarray(norm.std, dtype=np.float32)[:, None, None]
+    return x
 
 
 def eval_crops(pixels: np.ndarray, crop: int, norm: Normalization, ten_crop: bool = False) -> np.ndarray:

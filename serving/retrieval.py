@@ -12,7 +12,6 @@ skipped with a warning; a shard set whose manifest names a tar outside is refuse
 
 from __future__ import annotations
 
-import json
 import logging
 import tarfile
 import threading
@@ -25,12 +24,12 @@ import simplejpeg
 import torch
 
 from pipeline.preprocess import ImageError
+from pipeline.shardset import MANIFEST, open_shard_set
 from pipeline.transforms import eval_crops
 from serving.settings import Settings
 
 log = logging.getLogger("serving.retrieval")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
-MANIFEST = "manifest.json"
 
 
 class OutsideRoots(PermissionError):
@@ -74,12 +73,10 @@ class Index:
 
 
 def shard_tars(root: Path, split: str, roots: Sequence[Path] | None = None) -> list[tuple[str, Path]]:
-    """(name in the manifest, resolved path) of every tar of `split`; OutsideRoots if any escapes."""
-    manifest = json.loads((root / MANIFEST).read_text())
-    try:
-        shards = manifest["splits"][split]["shards"]
-    except KeyError:
-        raise KeyError(f"the shard set has no split {split!r}") from None
+    """(name in the manifest, resolved path) of every tar of `split`, read through contract 1's
+    reader (pipeline.shardset: ShardSetError for a missing split or an incomplete set);
+    OutsideRoots if any escapes."""
+    shards = open_shard_set(root).shards(split)
     allowed = list(roots) if roots is not None else [root]
     return [(shard["tar"], confine(root / shard["tar"], allowed)) for shard in shards]
 

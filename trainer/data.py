@@ -20,78 +20,18 @@ shard assignment rotates between epochs).
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
+from pipeline.shardset import ShardSet, ShardSetError, open_shard_set  # noqa: F401  (contract 1's one reader)
 from pipeline.transforms import Lighting, Normalization, center_offset, ten_crop_boxes
 
 MODES = ("train", "center", "ten_crop")
 MAX_LABEL_DIGITS = 5
 KEY_BYTES = 512  # source_info ("tar:offset:key.jpg") padded to a fixed width for the iterator
-
-
-class ShardSetError(ValueError):
-    """The shard set is missing, incomplete or does not fit the model."""
-
-
-@dataclass(frozen=True)
-class ShardSet:
-    root: Path
-    manifest: dict
-    stats: dict | None
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.manifest["classes"])
-
-    @property
-    def image_size(self) -> int:
-        return int(self.manifest["image_size"])
-
-    def files(self, split: str) -> tuple[list[str], list[str]]:
-        if split not in self.manifest["splits"]:
-            raise ShardSetError(f"{self.root} has no {split!r} split (has: {', '.join(self.manifest['splits'])})")
-        shards = self.manifest["splits"][split]["shards"]
-        return [str(self.root / s["tar"]) for s in shards], [str(self.root / s["idx"]) for s in shards]
-
-    def num_samples(self, split: str) -> int:
-        return int(self.manifest["splits"][split]["num_samples"])
-
-    def normalization(self, divide_by_std: bool = False) -> Normalization:
-        if self.stats is None:
-            raise ShardSetError(f"{self.root} has no stats.json (it is written with the train split)")
-        return Normalization.from_stats(self.stats, divide_by_std)
-
-
-def open_shard_set(root: Path | str, input_size: int | None = None) -> ShardSet:
-    """Read and check a shard set; clear errors for what training cannot use."""
-    root = Path(root)
-    if not root.is_dir():
-        raise ShardSetError(f"shard set {root} does not exist (write one with: python -m pipeline.shard)")
-    manifest_path = root / "manifest.json"
-    if not manifest_path.is_file():
-        raise ShardSetError(f"shard set {root} is incomplete: no manifest.json (the sharder writes it last; "
-                            "rerun python -m pipeline.shard with the same arguments to finish it)")
-    manifest = json.loads(manifest_path.read_text())
-    for split, info in manifest["splits"].items():
-        for shard in info["shards"]:
-            for key in ("tar", "idx"):
-                if not (root / shard[key]).is_file():
-                    raise ShardSetError(f"shard set {root} is incomplete: {shard[key]} is missing")
-    stats_path = root / "stats.json"
-    stats = json.loads(stats_path.read_text()) if stats_path.is_file() else None
-    shard_set = ShardSet(root=root, manifest=manifest, stats=stats)
-    if input_size is not None and input_size > shard_set.image_size:
-        raise ShardSetError(f"model input {input_size}x{input_size} does not fit the shard set's "
-                            f"{shard_set.image_size}x{shard_set.image_size} images")
-    if shard_set.num_classes >= 10**MAX_LABEL_DIGITS:
-        raise ShardSetError(f"{shard_set.num_classes} classes: labels of more than {MAX_LABEL_DIGITS} digits")
-    return shard_set
 
 
 @dataclass
@@ -164,9 +104,12 @@ def _pipeline_fn(tars, idxs, cfg: DataConfig, image_size: int, decoder: str, nor
             mean = mean - (w[0] * p[0] + w[1] * p[1] + w[2] * p[2])
         # Full decode + crop in CMN: measured faster on CPU than ROI decoding (image_crop)
         # of 227 out of 256, whose partial-scanline decode costs more than the margins.
+        # Every pixel offset equally likely: a continuous uniform crop_pos would be rounded
+        # to an offset, which gives the first and last offsets half the chance of the others.
+        offsets = [_crop_pos(k, image_size, cfg.input_size) for k in range(image_size - cfg.input_size + 1)]
         out = fn.crop_mirror_normalize(
-            images, crop=crop, crop_pos_x=fn.random.uniform(range=(0.0, 1.0)),
-            crop_pos_y=fn.random.uniform(range=(0.0, 1.0)), mirror=fn.random.coin_flip(probability=0.5),
+            images, crop=crop, crop_pos_x=fn.random.uniform(values=offsets),
+            crop_pos_y=fn.random.uniform(values=offsets), mirror=fn.random.coin_flip(probability=0.5),
             mean=mean, std=std, dtype=out_dtype, output_layout="CHW")
     else:
         # The same boxes as serving's numpy path (pipeline.transforms), as DALI crop positions.
@@ -197,6 +140,8 @@ def build_pipeline(shard_set: ShardSet, split: str, cfg: DataConfig):
     """The DALI pipeline for one worker; not yet built."""
     from nvidia.dali import pipeline_def
 
+    if shard_set.num_classes >= 10**MAX_LABEL_DIGITS:
+        raise ShardSetError(f"{shard_set.num_classes} classes: labels of more than {MAX_LABEL_DIGITS} digits")
     device = resolve_device(cfg.device)
     decoder = "mixed" if device == "gpu" else "cpu"
     device_id = (cfg.device_id if cfg.device_id is not None else torch.cuda.current_device()) if device == "gpu" else None

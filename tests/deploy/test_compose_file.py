@@ -10,36 +10,83 @@ import pytest
 import yaml
 
 from deploy.job import JobConfig
+from tests.deploy.dockerfile import build_targets, stages
 from tests.pipeline.test_shard import REPO
 
 RAY_SERVICES = ("ray-head", "ray-worker", "job")
 LONG_LIVED = ("ray-head", "ray-worker", "api")
 
 
+class ComposeLoader(yaml.SafeLoader):
+    """YAML as compose reads it, with its merge tags (`!override`, `!reset`) kept visible."""
+
+
+class Tagged(list):
+    def __init__(self, tag, items):
+        super().__init__(items)
+        self.tag = tag
+
+
+for _tag in ("!override", "!reset"):
+    ComposeLoader.add_constructor(_tag, lambda loader, node: Tagged(node.tag, loader.construct_sequence(node)))
+
+
+def load(name: str) -> dict:
+    return yaml.load((REPO / name).read_text(), Loader=ComposeLoader)  # resolves the YAML anchors
+
+
 @pytest.fixture(scope="module")
 def compose() -> dict:
-    return yaml.safe_load((REPO / "docker-compose.yml").read_text())  # resolves the YAML anchors
+    return load("docker-compose.yml")
 
 
 @pytest.fixture(scope="module")
 def gpu() -> dict:
-    return yaml.safe_load((REPO / "deploy" / "compose.gpu.yml").read_text())
+    return load("deploy/compose.gpu.yml")
+
+
+@pytest.fixture(scope="module")
+def public() -> dict:
+    return load("deploy/compose.public.yml")
 
 
 def published(service: dict) -> list[str]:
     return [str(p) for p in service.get("ports", [])]
 
 
-def test_only_the_api_is_published_beyond_loopback(compose):
+def test_nothing_is_published_beyond_loopback(compose):
     services = compose["services"]
     for name, service in services.items():
         for port in published(service):
-            if name == "api":
-                assert port.endswith(":8000"), port
-            else:
-                # Ray's job API runs whatever it is sent: host loopback only, never 6379/10001.
-                assert name == "ray-head" and port.startswith("127.0.0.1:") and port.endswith(":8265"), (name, port)
+            # Ray's job API runs whatever it is sent, and the API has no token by default:
+            # host loopback only; never 6379 (GCS) or 10001 (Ray client).
+            assert port.startswith("127.0.0.1:"), (name, port)
+            assert (name, port.rsplit(":", 1)[1]) in {("ray-head", "8265"), ("api", "8000")}, (name, port)
     assert published(services["api"])
+    assert "ALEXNET_TOKEN" not in services["api"]["environment"]  # an empty token must not reach it
+
+
+def test_the_public_override_needs_a_token_file(compose, public):
+    api = public["services"]["api"]
+    # It replaces the loopback port (compose would otherwise add one to the other)...
+    assert api["ports"].tag == "!override" and [p.split(":")[0] for p in api["ports"]] == ["${API_BIND"]
+    assert api["ports"][0].endswith(":8000")
+    # ...and hands the API a token as a file, from a compose secret that must be given.
+    assert api["environment"] == {"ALEXNET_TOKEN_FILE": "/run/secrets/api-token"}
+    assert api["secrets"] == ["api-token"]
+    assert public["secrets"]["api-token"]["file"].startswith("${API_TOKEN_FILE:?")
+
+
+def test_every_service_is_hardened_and_the_api_memory_bounded(compose, gpu):
+    for name, service in compose["services"].items():
+        assert service["cap_drop"] == ["ALL"], name
+        assert service["security_opt"] == ["no-new-privileges:true"], name
+        assert service["read_only"] is True and "/tmp" in service["tmpfs"], name
+    api = compose["services"]["api"]
+    assert re.fullmatch(r"\$\{API_MEMORY:-\d+g\}", api["deploy"]["resources"]["limits"]["memory"])
+    assert gpu["services"]["api"]["deploy"]["resources"]["limits"]["memory"].startswith("${API_MEMORY:-")
+    # Under the GPU override only the services holding GPUs get a writable root.
+    assert {n for n, s in gpu["services"].items() if s.get("read_only") is False} == {"ray-worker", "api"}
 
 
 def test_ray_token_auth_everywhere_ray_runs(compose):
@@ -99,15 +146,44 @@ def test_gpu_override_gives_the_workers_gpus_in_pairs(gpu):
     assert set(gpu["services"]) == {"ray-token", "ray-head", "ray-worker", "job", "api"}
 
 
+def test_images_are_built_from_their_dockerfile_target(compose, gpu):
+    targets = build_targets()
+    assert compose["services"]["ray-token"]["build"]["target"] == "cpu" in targets
+    assert gpu["services"]["ray-token"]["build"]["target"] == "gpu" in targets
+    assert compose["x-app"]["image"].endswith(":cpu}") and gpu["x-gpu-image"]["image"].endswith(":gpu}")
+
+
 def test_dockerfile_runs_as_a_non_root_user_on_a_public_base_by_default():
     text = (REPO / "deploy" / "Dockerfile").read_text()
     assert re.search(r"^ARG BASE_IMAGE=python:3\.\d+-slim", text, re.M)
-    users = re.findall(r"^USER (\S+)", text, re.M)
-    assert users and users[-1] not in ("root", "0")
-    # Certificates and wheels passed in for a build never stay in the image or in git.
-    assert "rm -rf /src /tmp/build-extras" in text
+    # Every target ends as the non-root user (a stage inherits its parent stage's USER).
+    all_stages = stages()
+
+    def user(name: str) -> str | None:
+        stage = all_stages.get(name)
+        if stage is None:
+            return None  # a base image: root
+        own = stage.instructions("USER")
+        return own[-1] if own else user(stage.parent)
+
+    for target in ("cpu", "gpu"):
+        assert user(target) not in (None, "root", "0"), target
     ignored = (REPO / ".gitignore").read_text()
     assert "deploy/build-extras/*.crt" in ignored and "deploy/build-extras/*.whl" in ignored
+
+
+def test_build_extras_reach_only_the_build_stage():
+    """Certificates and wheels passed in for a build are copied into the `build` stage only;
+    the targets take its virtual environment and nothing else (.ci/compose also checks the
+    built image's layers)."""
+    all_stages = stages()
+    with_extras = {name for name, st in all_stages.items()
+                   if any("build-extras" in i for i in st.instructions("COPY") + st.instructions("ADD"))}
+    assert with_extras == {"build"}
+    assert not [name for name, st in all_stages.items() if st.parent == "build"]  # nothing built on top of it
+    for target in ("cpu", "gpu"):
+        for copy in all_stages[target].instructions("COPY") + all_stages[target].instructions("ADD"):
+            assert copy == "--from=build /opt/venv /opt/venv", (target, copy)
 
 
 def test_every_module_the_image_runs_is_copied_into_it(compose):

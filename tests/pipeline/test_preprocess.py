@@ -197,3 +197,38 @@ def test_every_exif_orientation_matches_pillows_exif_transpose(orientation, fmt)
     upright = ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB")
     expected = corner_colours(prepare_image(encode(upright, "PNG")).pixels)
     assert corner_colours(prepare_image(data).pixels) == expected
+
+
+def test_sixteen_bit_and_large_images_make_no_full_size_float_copies():
+    """A 3000x3000 16-bit PNG (18 MB decoded): what numpy and Python allocate while preparing
+    it stays far below one full-size copy (a float64 copy alone would be 72 MB)."""
+    import tracemalloc
+
+    y, x = np.indices((3000, 3000), dtype=np.uint32)
+    data = encode(Image.fromarray(((x * 7 + y * 3) % 65536).astype(np.uint16)), "PNG")
+    tracemalloc.start()
+    try:
+        prepared = prepare_image(data)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert prepared.pixels.shape == (256, 256, 3)
+    assert peak < 4_000_000, f"{peak:,} bytes traced"
+
+
+def test_read_header_reports_size_mode_depth_frames_and_decode_memory():
+    from pipeline.preprocess import read_header
+
+    png16 = read_header(encode(Image.fromarray(np.zeros((300, 400), dtype=np.uint16)), "PNG"))
+    assert (png16.format, png16.width, png16.height, png16.mode, png16.bits, png16.frames) == \
+        ("PNG", 400, 300, "I;16", 16, 1)
+    assert png16.decode_bytes == 400 * 300 * 2
+    jpeg = read_header(encode(quadrants(2000, 1500), "JPEG", quality=90))
+    assert (jpeg.mode, jpeg.bits) == ("RGB", 8)
+    assert jpeg.decode_bytes == 500 * 375 * 3  # libjpeg-turbo decodes it at 1/4 scale
+    frames = [quadrants(300, 300), quadrants(300, 300).rotate(90)]
+    buf = io.BytesIO()
+    frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:])
+    assert read_header(buf.getvalue()).frames == 2
+    with pytest.raises(ImageError):
+        read_header(b"not an image at all")

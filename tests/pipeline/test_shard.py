@@ -93,7 +93,7 @@ def test_train_is_globally_shuffled_val_is_not(shard_set):
 def test_stats_are_the_moments_of_the_training_pixels(shard_set):
     out, manifest = shard_set
     stats = json.loads((out / "stats.json").read_text())
-    assert stats["num_images"] == 297 and stats["num_pixels"] == 297 * 256 * 256
+    assert stats["num_images"] == 297 and stats["num_pixels"] == 297 * 64 * 64  # the 4x4 grid (pipeline.stats)
     # Recompute from the shards themselves (decoded JPEG: close, not exact).
     pixels = []
     for shard in manifest["splits"]["train"]["shards"]:
@@ -215,3 +215,17 @@ def test_cli_help_and_clear_error_on_bad_src(tmp_path):
                           str(tmp_path / "o")], capture_output=True, text=True, cwd=REPO)
     assert bad.returncode == 2 and "no ImageNet layout found" in bad.stderr
     assert not (tmp_path / "o" / "manifest.json").exists()
+
+
+def test_limit_takes_the_first_n_files_of_each_split(sample_root, tmp_path):
+    m = run(shard_config(sample_root, tmp_path / "smoke", limit=7, workers=1))
+    assert m["limit"] == 7
+    for split in ("train", "val"):
+        info = m["splits"][split]
+        assert info["num_samples"] + info["num_skipped"] == 7
+    val_src = [json.loads(d)["src"] for s in m["splits"]["val"]["shards"]
+               for n, d in read_tar(tmp_path / "smoke" / s["tar"]) if n.endswith(".json")]
+    every_val = sorted(p.relative_to(sample_root).as_posix() for p in (sample_root / "val").rglob("*") if p.is_file())
+    assert set(val_src) <= set(every_val[:7])
+    help_ = subprocess.run([sys.executable, "-m", "pipeline.shard", "--help"], capture_output=True, text=True, cwd=REPO)
+    assert "--limit" in help_.stdout and "RAY_ADDRESS" in help_.stdout

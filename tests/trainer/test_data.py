@@ -4,35 +4,21 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pytest
-import simplejpeg
 import torch
 from PIL import Image
 
 pytest.importorskip("nvidia.dali")
 
-from pipeline.transforms import Lighting, Normalization, eval_crops  # noqa: E402
+from pipeline.transforms import eval_crops  # noqa: E402
 from pipeline.shard import run  # noqa: E402
 from tests.conftest import shard_config  # noqa: E402
-from tests.pipeline.test_shard import read_tar  # noqa: E402
+from tests.trainer.conftest import locate, truth  # noqa: E402
 from trainer.data import DaliLoader, DataConfig, ShardSetError, open_shard_set  # noqa: E402
 
 BATCH = 16
-
-
-def truth(out: Path, manifest: dict, split: str) -> dict[str, tuple[int, np.ndarray]]:
-    """key -> (label, decoded 256x256 image), read straight from the tars."""
-    samples = {}
-    for shard in manifest["splits"][split]["shards"]:
-        members = dict(read_tar(out / shard["tar"]))
-        for name, data in members.items():
-            if name.endswith(".jpg"):
-                key = name[:-4]
-                samples[key] = (int(members[key + ".cls"]), simplejpeg.decode_jpeg(data, colorspace="RGB"))
-    return samples
 
 
 @pytest.fixture(scope="module")
@@ -70,21 +56,6 @@ def test_exact_epochs_across_two_workers(shards):
         assert len(seen[0]) == len(set(seen[0])) and len(seen[1]) == len(set(seen[1]))
         assert sorted(seen[0] + seen[1]) == sorted(expected["train"])
         assert sorted(len(s) for s in seen) == [148, 149]
-
-
-def locate(patch_chw: np.ndarray, image: np.ndarray, norm: Normalization) -> tuple[int, int, bool] | None:
-    """Find (top, left, mirrored) of a train crop (lighting off) inside its 256x256 source."""
-    crop = patch_chw.shape[1]
-    target = patch_chw.transpose(1, 2, 0) + np.asarray(norm.mean, dtype=np.float32)
-    for mirrored in (False, True):
-        src = image[:, ::-1] if mirrored else image
-        for top in range(image.shape[0] - crop + 1):
-            for left in range(image.shape[1] - crop + 1):
-                if abs(float(src[top, left, 0]) - target[0, 0, 0]) > 0.01:
-                    continue
-                if np.allclose(src[top:top + crop, left:left + crop], target, atol=0.01):
-                    return top, (image.shape[1] - crop - left) if mirrored else left, mirrored
-    return None
 
 
 def test_random_crop_and_mirror_differ_across_epochs(shards):
@@ -128,49 +99,6 @@ def test_ten_crop_geometry_is_the_papers():
     boxes = ten_crop_boxes(256, 227)
     assert boxes[0::2] == [(0, 0, False), (0, 29, False), (29, 0, False), (29, 29, False), (15, 15, False)]
     assert [m for _, _, m in boxes] == [False, True] * 5
-
-
-@pytest.fixture(scope="module")
-def flat_shards(tmp_path_factory):
-    """Flat-colour images: any crop or mirror of one is the same colour, so the train output
-    minus the centre output is exactly the lighting shift that image got."""
-    root = tmp_path_factory.mktemp("flat")
-    rng = np.random.RandomState(0)
-    for c in range(2):
-        folder = root / "raw" / "train" / f"n0000000{c}"
-        folder.mkdir(parents=True)
-        for i in range(32):
-            colour = tuple(int(v) for v in rng.randint(40, 216, size=3))
-            Image.new("RGB", (300, 260), colour).save(folder / f"flat_{c}_{i}.png")
-    run(shard_config(root / "raw", root / "shards", workers=1))
-    return open_shard_set(root / "shards", 227)
-
-
-def test_pca_lighting_has_the_covariance_the_eigendecomposition_implies(flat_shards):
-    centre = {}
-    cfg_eval = DataConfig(mode="center", batch_size=BATCH, with_keys=True)
-    for images, _, keys in DaliLoader(flat_shards, "train", cfg_eval):
-        centre.update({k: img.mean(dim=(1, 2)).numpy() for img, k in zip(images, keys)})
-    train = DaliLoader(flat_shards, "train", DataConfig(mode="train", batch_size=BATCH, with_keys=True))
-    shifts = []
-    for _ in range(12):
-        for images, _, keys in train:
-            per_pixel = images.numpy().reshape(len(keys), 3, -1)
-            assert per_pixel.std(axis=2).max() < 1e-3  # one shift for the whole image
-            shifts += [img.mean(axis=1) - centre[k] for img, k in zip(per_pixel, keys)]
-    shifts = np.array(shifts, dtype=np.float64)
-    lighting = Lighting.from_stats(flat_shards.stats)
-    assert len(shifts) == 12 * 64
-    p = np.asarray(lighting.eigenvectors)
-    # In the eigenbasis the shift's components are independent with std 0.1 * w_k.
-    proj = shifts @ p.T
-    expected_std = 0.1 * lighting.shift_weights()
-    np.testing.assert_allclose(proj.std(axis=0), expected_std, rtol=0.12)
-    assert np.abs(proj.mean(axis=0)).max() < 0.2 * expected_std.max()
-    corr = np.corrcoef(proj.T)
-    assert np.abs(corr[np.triu_indices(3, 1)]).max() < 0.15
-    np.testing.assert_allclose(np.cov(shifts.T), lighting.shift_covariance(),
-                               atol=0.25 * lighting.shift_covariance().max())
 
 
 def test_bfloat16_and_float16_outputs(shards):

@@ -1,0 +1,36 @@
+"""Every corruption kind the sharder skips (tests/corrupt_images.py) gets a 4xx JSON error
+from POST /predict, never a 200 on half-decoded pixels, and the server stays up."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from tests.corrupt_images import catalogue, photo
+
+CASES = catalogue()
+SERVED = ("JPEG", "PNG", "WEBP", "BMP")  # the serving formats; GIF and TIFF are refused as such (415)
+
+
+def post(url: str, data: bytes, ctype: str) -> httpx.Response:
+    return httpx.post(f"{url}/predict", content=data, headers={"content-type": ctype}, timeout=60)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_each_corruption_kind_gets_a_4xx(server, case):
+    r = post(server, case.data, case.content_type)
+    assert 400 <= r.status_code < 500, (case.name, r.status_code, r.text)
+    body = r.json()
+    assert body["detail"]
+    if case.fmt in SERVED:
+        assert (r.status_code, body["error"]) == (400, "invalid_image"), (case.name, body)
+        assert case.reason in body["detail"], (case.name, body)
+    else:
+        assert r.status_code in (400, 415), (case.name, body)
+
+
+def test_the_intact_sources_are_answered_and_the_server_is_still_up(server):
+    for fmt in SERVED:
+        r = post(server, photo(fmt), f"image/{fmt.lower()}")
+        assert r.status_code == 200 and len(r.json()["predictions"]) == 5, (fmt, r.text)
+    assert httpx.get(f"{server}/health", timeout=10).status_code == 200
