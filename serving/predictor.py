@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.preprocess import DEFAULT_JPEG_QUALITY, ImageError, open_image
+from pipeline.preprocess import DEFAULT_JPEG_QUALITY, ImageError, header_of, open_image
 from pipeline.transforms import Normalization, as_sharded, eval_crops
 from serving.budget import decode_cost
 from serving.settings import MiB, Settings
@@ -60,14 +60,14 @@ class Predictor:
 
     def preprocess(self, data: bytes, ten_crop: bool = False) -> np.ndarray:
         """Bytes -> (1 or 10, 3, S, S) float32. Raises ImageError for unusable input."""
-        header = open_image(data, max_pixels=self.max_pixels, allowed_formats=ACCEPTED_FORMATS,
-                            allow_animated=False)
-        if max(header.size) > self.max_side:
-            raise ImageError(f"image is {header.size[0]}x{header.size[1]}: a side over {self.max_side} px",
+        header = header_of(open_image(data, max_pixels=self.max_pixels, allowed_formats=ACCEPTED_FORMATS,
+                                      allow_animated=False))
+        if max(header.width, header.height) > self.max_side:
+            raise ImageError(f"image is {header.width}x{header.height}: a side over {self.max_side} px",
                              kind="too_large")
         cost = decode_cost(header)
         if cost > self.max_decode_bytes:
-            raise ImageError(f"decoding this {header.format} image ({header.size[0]}x{header.size[1]}, mode "
+            raise ImageError(f"decoding this {header.format} image ({header.width}x{header.height}, mode "
                              f"{header.mode}) would need about {cost / MiB:,.0f} MiB; the limit per request is "
                              f"{self.max_decode_bytes / MiB:,.0f} MiB", kind="over_budget")
         pixels = as_sharded(data, quality=self.quality, max_pixels=self.max_pixels,
