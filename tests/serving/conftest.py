@@ -28,6 +28,9 @@ from trainer.model import AlexNet, AlexNetConfig
 
 REPO = Path(__file__).resolve().parents[2]
 UPLOAD_LIMIT = 300_000
+# The session server's decode budget: small enough that a 16-bit PNG inside the pixel limit
+# and the upload limit can be over it (the default, 256 MiB, is over 40 MP of 16-bit).
+DECODE_BUDGET = 32 * 1024 * 1024
 CHUNK = 64 * 1024
 TOKEN = "alexnet-test-token-0123"
 
@@ -87,7 +90,7 @@ def running_server(args: list[str], log: Path, env: dict | None = None, python: 
 
 @pytest.fixture(scope="session")
 def server(checkpoint, tmp_path_factory):
-    env = serving_env(max_upload_bytes=UPLOAD_LIMIT, max_wait_ms=20)
+    env = serving_env(max_upload_bytes=UPLOAD_LIMIT, max_decode_bytes=DECODE_BUDGET, max_wait_ms=20)
     log = tmp_path_factory.mktemp("serve") / "server.log"
     with running_server(["--checkpoint", str(checkpoint)], log, env) as url:
         yield url

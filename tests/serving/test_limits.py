@@ -74,8 +74,9 @@ def png16(side: int) -> bytes:
 
 
 def test_decode_budget_from_the_header(server):
-    """A 16-bit PNG of 4000x4000 is ~100 KB on the wire and ~0.4 GB to decode: refused from its
-    header (default budget 256 MiB). One of 1500x1500 is within it and answered."""
+    """A 16-bit PNG of 4000x4000 is ~100 KB on the wire and estimated at 64 MB to decode
+    (16 MP x 4 bytes): refused from its header, over the server's 32 MiB budget. One of
+    1500x1500 (9 MB) is within it and answered."""
     big = png16(4000)
     assert len(big) < UPLOAD_LIMIT
     r = httpx.post(f"{server}/predict", content=big, headers={"content-type": "image/png"}, timeout=60)
