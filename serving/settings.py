@@ -14,8 +14,9 @@ pass does 50-70 images/s there at batch 32, benchmarks/serve.py): 128 images on 
 are ~2 s of work; raise max_queue_images and max_decodes with the cores or a GPU. Worst-case memory
 of the request path: max_in_flight x max_upload_bytes of bodies (640 MiB) + max_decodes x
 max_decode_bytes of decoding (512 MiB) + the queue (128 x ~0.6 MB of crops), ~1.2 GB with
-the defaults, on top of the process with the model loaded (~0.6 GB); deploy/README.md has
-the threat model and the operator's knobs.
+the defaults, on top of the process with the model loaded (~0.5 GiB): compose's API_MEMORY
+(2 GiB) and the Kubernetes API's 4 GiB hold it; deploy/README.md has the threat model and
+the operator's knobs.
 """
 
 from __future__ import annotations
