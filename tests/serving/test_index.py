@@ -10,6 +10,7 @@ import time
 import httpx
 import pytest
 
+from pipeline.shardset import FORMAT, FORMAT_VERSION, MANIFEST
 from tests.serving.conftest import AUTH, jpeg
 
 IMAGES = 24
@@ -22,6 +23,7 @@ def tree(index_roots, tmp_path_factory):
     outside = tmp_path_factory.mktemp("outside")
     (outside / "secret.jpg").write_bytes(jpeg())
     (outside / "x.tar").write_bytes(b"")
+    (outside / "x.idx").write_bytes(b"")
     good = index_roots / "good"
     good.mkdir()
     for i in range(IMAGES):
@@ -30,8 +32,11 @@ def tree(index_roots, tmp_path_factory):
     (index_roots / "linkdir").symlink_to(outside, target_is_directory=True)
     shards = index_roots / "shards"
     shards.mkdir()
-    (shards / "manifest.json").write_text(json.dumps(
-        {"splits": {"val": {"shards": [{"tar": f"../../{outside.name}/x.tar"}]}}}))
+    # A manifest contract 1's reader accepts (pipeline.shardset), whose files lie outside.
+    escape = f"../../{outside.name}/x"
+    (shards / MANIFEST).write_text(json.dumps(
+        {"format": FORMAT, "format_version": FORMAT_VERSION,
+         "splits": {"val": {"shards": [{"tar": f"{escape}.tar", "idx": f"{escape}.idx"}]}}}))
     (index_roots / "empty").mkdir()
     return index_roots
 
