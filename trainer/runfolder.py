@@ -5,7 +5,8 @@ epoch), latest_checkpoint.json (the newest complete checkpoint) and diverged.jso
 divergence guard stopped the run). STORAGE_PATH may be a local folder, a shared filesystem
 mounted on every node, or any URI pyarrow understands (s3://, gs://, hdfs://), the same
 storage Ray Train itself writes checkpoints to. Local readers that must not import pyarrow
-(serving) use trainer.checkpoint.latest_checkpoint."""
+(serving) use trainer.checkpoint.latest_checkpoint; pyarrow (which Ray brings) is imported
+only inside RunFolder, so a serving-only install can still import this module."""
 
 from __future__ import annotations
 
@@ -13,10 +14,6 @@ import json
 import os
 import posixpath
 from pathlib import Path
-
-import pyarrow.fs as pafs
-
-from trainer.checkpoint import latest_checkpoint  # noqa: F401  (its home is trainer.checkpoint; kept for old callers)
 
 CONFIG = "config.json"
 CONFIG_CHANGES = "config_changes.jsonl"
@@ -26,6 +23,8 @@ DIVERGED = "diverged.json"
 
 class RunFolder:
     def __init__(self, storage_path: str, name: str):
+        import pyarrow.fs as pafs
+
         if "://" in storage_path:
             self.fs, root = pafs.FileSystem.from_uri(storage_path)
         else:
@@ -35,6 +34,8 @@ class RunFolder:
 
     @property
     def local_path(self) -> Path | None:
+        import pyarrow.fs as pafs
+
         return Path(self.root) if isinstance(self.fs, pafs.LocalFileSystem) else None
 
     def path(self, rel: str) -> str:
@@ -59,6 +60,8 @@ class RunFolder:
             return None
 
     def exists(self, rel: str = "") -> bool:
+        import pyarrow.fs as pafs
+
         return self.fs.get_file_info(self.path(rel) if rel else self.root).type != pafs.FileType.NotFound
 
     def delete(self, rel: str) -> None:
