@@ -1,14 +1,23 @@
-"""Load test of the prediction service on loopback: batching on vs off, same run.
+"""Load test of the prediction service on loopback: batching on vs off, and overload with
+admission control on vs off, same run.
 
     python -m benchmarks.serve [--photos ../shared/photos] [--requests 400] [--soak 10000]
+                               [--overload-clients 300] [--overload-s 30]
 
-Starts two real servers (`python -m serving`, uvicorn) on free loopback ports over the same
-checkpoint (a 1000-class AlexNet; throughput does not depend on the weights): one with
-micro-batching (max batch 32), one without. An httpx async load generator sends ImageNet-size
-JPEGs made from real photographs at 1, 8 and 32 concurrent clients to each and measures
-requests/s and p50/p99 latency. The limit it is compared with is the model's own forward
-throughput at batch 32 measured in this process. `--soak N` then sends N requests at 32
-clients to the batching server and counts errors. Prints JSON.
+Normal load: two real servers (`python -m serving`, uvicorn) on free loopback ports over the
+same checkpoint (a 1000-class AlexNet; throughput does not depend on the weights), default
+settings, one with micro-batching and one without (`--no-batching`). An httpx async load
+generator sends ImageNet-size JPEGs made from real photographs at 1, 8 and 32 concurrent
+clients to each and measures requests/s and p50/p99 latency. The limit it is compared with
+is the model's own forward throughput at batch 32 measured in this process. `--soak N` then
+sends N requests at 32 clients to the batching server and counts errors.
+
+Overload: a fresh server with the default settings (bounded in-flight requests, batch
+queue and deadline), and 300 clients each posting `?crops=10` requests back to back for
+`--overload-s` seconds (after a 503 a client waits its Retry-After, as a well-behaved client
+does). Reported: answers by status, p50/p99 of the accepted and of the refused, the
+server's peak RSS (VmHWM). Baseline, same run: the same load on a server whose bounds are
+lifted (what the service did before admission control: everything queued). Prints JSON.
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import numpy as np
@@ -31,8 +41,11 @@ import torch
 from PIL import Image
 
 from deploy.steps import free_port
+from serving.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
+# The baseline of the overload run: admission bounds lifted (every request queued, no deadline).
+UNBOUNDED = ["--max-in-flight", "1000000", "--max-queue-images", "1000000000", "--request-timeout-s", "86400"]
 
 
 def make_checkpoint(folder: Path) -> Path:
@@ -44,7 +57,7 @@ def make_checkpoint(folder: Path) -> Path:
     model = AlexNet(AlexNetConfig(num_classes=1000, init="kaiming")).eval()
     classes = [{"index": i, "wnid": f"n{i:08d}", "name": f"class {i}"} for i in range(1000)]
     return save(folder, model, classes=classes, normalization=Normalization((120.0, 115.0, 105.0)), epoch=0,
-                metrics={}, extra={"shards": {"jpeg_quality": 90}})
+                metrics={}, shards={"jpeg_quality": 90})
 
 
 def photos_as_requests(photos: Path) -> list[bytes]:
@@ -60,12 +73,12 @@ def photos_as_requests(photos: Path) -> list[bytes]:
     return out
 
 
-def start_server(checkpoint: Path, batching: bool, log: Path) -> tuple[subprocess.Popen, str]:
+def start_server(checkpoint: Path, log: Path, *extra: str) -> tuple[subprocess.Popen, str]:
+    """`python -m serving` with the default settings (plus `extra` flags)."""
     port = free_port()
-    args = [sys.executable, "-m", "serving", "--checkpoint", str(checkpoint), "--port", str(port), "--max-batch", "32"]
-    if not batching:
-        args.append("--no-batching")
-    proc = subprocess.Popen(args, cwd=REPO, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    args = [sys.executable, "-m", "serving", "--checkpoint", str(checkpoint), "--port", str(port), *extra]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ALEXNET_")}
+    proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -109,6 +122,118 @@ async def load(url: str, images: list[bytes], clients: int, requests: int) -> di
             "p50_ms": round(1e3 * statistics.median(lat), 1), "p99_ms": round(1e3 * lat[int(0.99 * (len(lat) - 1))], 1)}
 
 
+def rss_mb(pid: int, field: str) -> float:
+    """VmRSS (now) or VmHWM (peak) of a process, in MB (Linux /proc)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return round(int(line.split()[1]) / 1024, 1)
+    raise KeyError(field)
+
+
+def pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    values = sorted(values)
+    return round(1e3 * values[int(q * (len(values) - 1))], 1)
+
+
+class RawHTTP:
+    """A minimal HTTP/1.1 keep-alive client on asyncio streams, for the overload run: with
+    300 clients, httpx's per-request CPU made the load generator (on the same 2 cores) the
+    bottleneck and its own queueing showed up as server latency."""
+
+    def __init__(self, url: str):
+        parts = urlsplit(url)
+        self.host, self.port, self.netloc = parts.hostname, parts.port, parts.netloc
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def post(self, path: str, body: bytes, ctype: str) -> tuple[int, dict[str, str]]:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        self.writer.write(f"POST {path} HTTP/1.1\r\nHost: {self.netloc}\r\nContent-Type: {ctype}\r\n"
+                          f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        try:
+            await self.writer.drain()
+            status = int((await self.reader.readline()).split()[1])
+            headers = {}
+            while (line := await self.reader.readline()) not in (b"\r\n", b""):
+                name, _, value = line.decode("latin-1").partition(":")
+                headers[name.strip().lower()] = value.strip()
+            await self.reader.readexactly(int(headers.get("content-length", 0)))
+        except (OSError, IndexError, ValueError, asyncio.IncompleteReadError):
+            self.close()
+            raise
+        if headers.get("connection", "").lower() == "close":
+            self.close()
+        return status, headers
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        self.reader = self.writer = None
+
+
+async def overload(url: str, images: list[bytes], clients: int, crops: int, seconds: float) -> dict:
+    """`clients` closed-loop clients posting ?crops=`crops` for `seconds` (a request under way
+    at the end is waited for); after a 503 a client waits its Retry-After."""
+    answers: list[tuple[str, float]] = []
+    stop_at = time.monotonic() + seconds
+
+    async def client(i: int):
+        http, n = RawHTTP(url), i
+        while time.monotonic() < stop_at:
+            body, n = images[n % len(images)], n + clients
+            t = time.perf_counter()
+            retry = 0.0
+            try:
+                status, headers = await http.post(f"/predict?crops={crops}", body, "image/jpeg")
+                if status == 503:
+                    retry = float(headers.get("retry-after", 1))
+                status = str(status)
+            except (OSError, IndexError, ValueError, asyncio.IncompleteReadError) as exc:
+                status, retry = type(exc).__name__, 1.0
+            answers.append((status, time.perf_counter() - t))
+            if retry:
+                await asyncio.sleep(retry)
+        http.close()
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*[client(i) for i in range(clients)])
+    elapsed = time.perf_counter() - t0
+    by_status: dict[str, int] = {}
+    for status, _ in answers:
+        by_status[status] = by_status.get(status, 0) + 1
+    accepted = [t for s, t in answers if s == "200"]
+    refused = [t for s, t in answers if s == "503"]
+    return {"clients": clients, "crops": crops, "seconds": seconds, "elapsed_s": round(elapsed, 1),
+            "answers": len(answers), "by_status": dict(sorted(by_status.items())),
+            "accepted_per_s": round(len(accepted) / elapsed, 2),
+            "accepted_p50_ms": pct(accepted, 0.5), "accepted_p99_ms": pct(accepted, 0.99),
+            "accepted_max_ms": pct(accepted, 1.0),
+            "refused_p50_ms": pct(refused, 0.5), "refused_p99_ms": pct(refused, 0.99)}
+
+
+def overload_run(checkpoint: Path, images: list[bytes], log: Path, clients: int, seconds: float, *extra: str) -> dict:
+    proc, url = start_server(checkpoint, log, *extra)
+    try:
+        asyncio.run(load(url, images, 1, 5))  # warm up (first forward, allocator)
+        before = rss_mb(proc.pid, "VmRSS")
+        out = asyncio.run(overload(url, images, clients, 10, seconds))
+        metrics = httpx.get(f"{url}/metrics", timeout=10).text
+        sample = lambda prefix: sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()  # noqa: E731
+                                    if line.startswith(prefix))
+        out.update(server_rss_before_mb=before, server_peak_rss_mb=rss_mb(proc.pid, "VmHWM"),
+                   server_rejected={reason: int(sample(f'alexnet_rejected_requests_total{{reason="{reason}"}}'))
+                                    for reason in ("in_flight", "queue_full", "deadline")},
+                   server_dropped_images=int(sample("alexnet_dropped_images_total")),
+                   health_after=httpx.get(f"{url}/health", timeout=10).status_code)
+        return out
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
 def raw_forward_limit(checkpoint: Path, images: list[bytes], batch: int = 32, rounds: int = 5) -> float:
     """Images/s of the model's own forward at `batch`, preprocessed inputs (the ceiling)."""
     from serving.predictor import Predictor
@@ -130,15 +255,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=400, help="requests per (server, concurrency) point")
     p.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--soak", type=int, default=10_000, help="requests at 32 clients to the batching server")
+    p.add_argument("--overload-clients", type=int, default=300, help="clients of the overload run (0: skip it)")
+    p.add_argument("--overload-s", type=float, default=30.0, help="seconds each overload run sends for")
     a = p.parse_args(argv)
+    defaults = Settings.model_construct()
     images = photos_as_requests(a.photos)
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = make_checkpoint(Path(tmp) / "checkpoint")
         limit = raw_forward_limit(ckpt, images)
         results: dict = {"benchmark": "serve", "machine": {"cores": os.cpu_count(), "torch": torch.__version__},
+                         "settings": {k: getattr(defaults, k) for k in (
+                             "max_batch", "max_wait_ms", "max_in_flight", "max_queue_images", "request_timeout_s",
+                             "max_decodes", "max_decode_bytes", "max_upload_bytes")},
                          "raw_forward_img_per_s_batch32": round(limit, 2)}
         for mode in ("batching_on", "batching_off"):
-            proc, url = start_server(ckpt, mode == "batching_on", Path(tmp) / f"{mode}.log")
+            proc, url = start_server(ckpt, Path(tmp) / f"{mode}.log", *(() if mode == "batching_on" else
+                                                                         ("--no-batching",)))
             try:
                 results[mode] = [asyncio.run(load(url, images, c, min(a.requests, 50 * c) if c == 1 else a.requests))
                                  for c in a.clients]
@@ -147,12 +279,20 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 proc.terminate()
                 proc.wait(timeout=30)
+        if a.overload_clients:
+            results["overload"] = {
+                "admission_on": overload_run(ckpt, images, Path(tmp) / "overload.log", a.overload_clients,
+                                             a.overload_s),
+                "baseline_unbounded": overload_run(ckpt, images, Path(tmp) / "unbounded.log", a.overload_clients,
+                                                   a.overload_s, *UNBOUNDED)}
     top = max(a.clients)
     on = next(r for r in results["batching_on"] if r["clients"] == top)
     off = next(r for r in results["batching_off"] if r["clients"] == top)
+    gain, spread = round(on["rps"] / off["rps"], 3), round(on["p99_ms"] / on["p50_ms"], 2)
     results["at_max_clients"] = {"clients": top, "service_over_raw_limit": round(on["rps"] / limit, 3),
-                                 "batching_on_over_off": round(on["rps"] / off["rps"], 3),
-                                 "p99_over_p50": round(on["p99_ms"] / on["p50_ms"], 2)}
+                                 "batching_on_over_off": gain, "p99_over_p50": spread,
+                                 "targets_met": {"batching_on_over_off >= 1.5": gain >= 1.5,
+                                                 "p99_over_p50 <= 3": spread <= 3}}
     print(json.dumps(results, indent=2))
     return 0
 

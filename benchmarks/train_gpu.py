@@ -17,7 +17,9 @@ import time
 import torch
 
 from trainer.engine import train_one_epoch
+from trainer.config import TrainConfig
 from trainer.model import AlexNet, AlexNetConfig
+from trainer.optim import build_optimizer
 
 
 class SyntheticLoader:
@@ -56,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
         step_model = torch.compile(model) if a.compile else model
-        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+        opt = build_optimizer(model, TrainConfig())  # the paper's recipe, as trainer.run builds it
         train_one_epoch(step_model, SyntheticLoader(batch, 5, device, channels_last), opt,
                         amp_dtype=torch.bfloat16, device=device)  # warm-up (and compile)
         torch.cuda.synchronize()

@@ -7,6 +7,10 @@ The same stages as `python -m deploy.demo`, but the cluster is someone else's (c
 ray-head and ray-workers) and every path is a volume they share. Each stage is idempotent,
 so `docker compose up` again reuses the shards and resumes the run under the same name.
 Settings come from flags, else JOB_* environment variables (what compose passes on).
+
+The training preset follows the data unless one is given (`--preset`, JOB_PRESET, compose's
+PRESET): `paper` (section 5: 90 epochs, batch 128, lr 0.01) for a mounted ImageNet, `sample`
+(a few CPU minutes) for the built-in sample data.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ class JobConfig:
     imagenet: Path | None = None  # a raw ImageNet tree; None: the built-in sample data
     address: str = "http://ray-head:8265"  # the Ray job API
     name: str = "compose"  # run name: the same name resumes the run
-    preset: str = "sample"
+    preset: str = ""  # "": paper with a mounted ImageNet, sample on the sample data
     epochs: int = 0  # 0: the preset's
     workers: int = 2  # data-parallel Ray Train workers
     gpus_per_worker: int = 0  # 2: the paper's two columns on two GPUs
@@ -40,12 +44,16 @@ class JobConfig:
     wait_s: float = 600  # how long to wait for the Ray job API
 
     @property
+    def training_preset(self) -> str:
+        return self.preset or ("sample" if self.imagenet is None else "paper")
+
+    @property
     def shards(self) -> Path:
         return self.data / "shards"
 
     def train_command(self) -> list[str]:
         cmd = [PY, "-m", "trainer.run", "--data", str(self.shards), "--storage-path", str(self.runs),
-               "--name", self.name, "--preset", self.preset, "--workers", str(self.workers),
+               "--name", self.name, "--preset", self.training_preset, "--workers", str(self.workers),
                "--gpus-per-worker", str(self.gpus_per_worker)]
         if self.epochs:
             cmd += ["--epochs", str(self.epochs)]
@@ -84,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     run([PY, "-m", "pipeline.shard", "--src", str(src), "--out", str(cfg.shards), "--quiet",
          *(["--shard-size", str(shard_size)] if shard_size else [])], env=env)
 
-    stage(f"3/4 training: ray job submit --address {cfg.address} -- python -m trainer.run")
+    stage(f"3/4 training ({cfg.training_preset} preset): ray job submit --address {cfg.address} -- "
+          "python -m trainer.run")
     wait_until(lambda: ray_job_api_up(cfg.address, env), cfg.wait_s, f"the Ray job API at {cfg.address}")
     submit_job(cfg.address, cfg.train_command(), env)
 

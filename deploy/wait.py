@@ -4,7 +4,7 @@
                        (trainer.data.open_shard_set: manifest.json, written last, and every
                        shard it lists)
     checkpoint RUN     the run folder RUN has a registered checkpoint: the one `python -m
-                       serving --checkpoint RUN` would load (trainer.runfolder.latest_checkpoint)
+                       serving --checkpoint RUN` would load (trainer.checkpoint.latest_checkpoint)
 
 Kubernetes init containers run it (deploy/k8s): the Ray head waits for the shard set, so the
 RayJob submits training only once sharding has finished, and the API waits for a first
@@ -46,7 +46,7 @@ def shards_ready(path: Path) -> str | None:
 
 def checkpoint_ready(path: Path) -> str | None:
     """None when the run folder `path` has a registered checkpoint, else why not."""
-    from trainer.runfolder import latest_checkpoint
+    from trainer.checkpoint import latest_checkpoint
 
     if latest_checkpoint(path) is None:
         return f"no registered checkpoint in {path} yet"

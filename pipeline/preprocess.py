@@ -124,6 +124,7 @@ class ImageHeader:
     mode: str  # Pillow's mode: RGB, L, P, CMYK, I;16, ...
     bits: int  # per sample, as decoded (Pillow reads 16-bit RGB PNGs as 8-bit RGB)
     frames: int
+    transparency: bool  # a transparent colour in a P, L or RGB image (composited as RGBA)
     decode_bytes: int  # the decoded pixels prepare_image holds at once (working copies aside)
 
 
@@ -137,7 +138,8 @@ def header_of(img: Image.Image, size: int = OUTPUT_SIZE) -> ImageHeader:
     else:
         decode_bytes = width * height * _PILLOW_PIXEL_BYTES.get(img.mode, 4)
     return ImageHeader(format=fmt, width=width, height=height, mode=img.mode, bits=_MODE_BITS.get(img.mode, 8),
-                       frames=int(getattr(img, "n_frames", 1)), decode_bytes=decode_bytes)
+                       frames=int(getattr(img, "n_frames", 1)), transparency="transparency" in img.info,
+                       decode_bytes=decode_bytes)
 
 
 def read_header(data: bytes, *, size: int = OUTPUT_SIZE, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageHeader:

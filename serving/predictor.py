@@ -15,8 +15,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.preprocess import DEFAULT_JPEG_QUALITY as DEFAULT_SHARD_QUALITY, ImageError, open_image
+from pipeline.preprocess import DEFAULT_JPEG_QUALITY, ImageError, header_of, open_image
 from pipeline.transforms import Normalization, as_sharded, eval_crops
+from serving.budget import decode_cost
+from serving.settings import MiB, Settings
 from trainer.checkpoint import load_model
 
 ACCEPTED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "BMP"})
@@ -29,15 +31,22 @@ def pick_device(requested: str) -> torch.device:
 
 
 class Predictor:
-    def __init__(self, checkpoint: Path, device: str = "auto", max_pixels: int = 40_000_000, max_side: int = 20_000):
-        self.device = pick_device(device)
+    """The model and the input policy of `settings` (limits from serving.settings, nowhere
+    else; without settings, its defaults, read from no environment)."""
+
+    def __init__(self, checkpoint: Path, settings: Settings | None = None, device: str | None = None):
+        settings = settings if settings is not None else Settings.model_construct()
+        self.path = Path(checkpoint).resolve()
+        self.device = pick_device(device or settings.device)
         self.model, self.meta = load_model(checkpoint, device=self.device)
         self.classes = self.meta["classes"]
         self.norm = Normalization.from_json(self.meta["normalization"])
         self.input_size = int(self.meta["input_size"])
-        self.quality = int((self.meta.get("shards") or {}).get("jpeg_quality") or DEFAULT_SHARD_QUALITY)
-        self.max_pixels, self.max_side = max_pixels, max_side
-        self.identity = {"checkpoint": str(Path(checkpoint).resolve()), "epoch": self.meta.get("epoch"),
+        self.quality = int((self.meta.get("shards") or {}).get("jpeg_quality") or DEFAULT_JPEG_QUALITY)
+        self.max_pixels, self.max_side = settings.max_pixels, settings.max_side
+        self.max_decode_bytes = settings.max_decode_bytes
+        # What clients see: names, never server paths.
+        self.identity = {"checkpoint": self.path.name, "epoch": self.meta.get("epoch"),
                          "run": self.meta.get("run"), "num_classes": len(self.classes),
                          "val_top1_error": (self.meta.get("metrics") or {}).get("val_top1_error")}
         self._lock = threading.Lock()  # one forward at a time; batching provides the parallelism
@@ -51,11 +60,16 @@ class Predictor:
 
     def preprocess(self, data: bytes, ten_crop: bool = False) -> np.ndarray:
         """Bytes -> (1 or 10, 3, S, S) float32. Raises ImageError for unusable input."""
-        header = open_image(data, max_pixels=self.max_pixels, allowed_formats=ACCEPTED_FORMATS,
-                            allow_animated=False)
-        if max(header.size) > self.max_side:
-            raise ImageError(f"image is {header.size[0]}x{header.size[1]}: a side over {self.max_side} px",
+        header = header_of(open_image(data, max_pixels=self.max_pixels, allowed_formats=ACCEPTED_FORMATS,
+                                      allow_animated=False))
+        if max(header.width, header.height) > self.max_side:
+            raise ImageError(f"image is {header.width}x{header.height}: a side over {self.max_side} px",
                              kind="too_large")
+        cost = decode_cost(header)
+        if cost > self.max_decode_bytes:
+            raise ImageError(f"decoding this {header.format} image ({header.width}x{header.height}, mode "
+                             f"{header.mode}) would need about {cost / MiB:,.0f} MiB; the limit per request is "
+                             f"{self.max_decode_bytes / MiB:,.0f} MiB", kind="over_budget")
         pixels = as_sharded(data, quality=self.quality, max_pixels=self.max_pixels,
                             allowed_formats=ACCEPTED_FORMATS, allow_animated=False)
         return eval_crops(pixels, self.input_size, self.norm, ten_crop=ten_crop)

@@ -1,6 +1,8 @@
 """A real Ray cluster for the training and deploy tests (registered in tests/conftest.py): `ray start --head` on free loopback ports,
 shared by the whole test session (a 2-worker fit costs ~20 s of start-up and ~2 GB), and
-stopped by its own process group, never with `ray stop` (which kills every Ray on the host)."""
+stopped by its own process group, never with `ray stop` (which kills every Ray on the host).
+It offers 8 logical CPUs on 2 cores: tests/trainer/test_resume.py runs up to eight tiny
+workers side by side, since most of a tiny run's time is Ray starting and stopping it."""
 
 from __future__ import annotations
 
@@ -56,7 +58,7 @@ def ray_cluster(tmp_path_factory):
         proc = subprocess.Popen(
             [str(VENV_BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
              f"--port={gcs_port}", f"--dashboard-port={dash_port}", "--dashboard-host=127.0.0.1",
-             *ray_head_ports(), "--num-cpus=2", "--num-gpus=0",
+             *ray_head_ports(), "--num-cpus=8", "--num-gpus=0",
              "--include-dashboard=true", "--disable-usage-stats"],
             env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     cluster = RayCluster(gcs_address=f"127.0.0.1:{gcs_port}", dashboard_url=f"http://127.0.0.1:{dash_port}", env=env)
@@ -73,8 +75,11 @@ def ray_cluster(tmp_path_factory):
             time.sleep(2)
         yield cluster
     finally:
-        try:
+        try:  # a graceful stop takes Ray ~30 s here; nothing of a test cluster needs keeping
             os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=60)
+            proc.wait(timeout=5)
         except (ProcessLookupError, subprocess.TimeoutExpired):
-            os.killpg(proc.pid, signal.SIGKILL)
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass

@@ -1,11 +1,24 @@
-"""Contract 2: the checkpoint folder, written by the trainer, read by serving.
+"""Contract 2: the checkpoint, written by the trainer, read by serving, evaluation and resume.
+This module is its one home: save, load, metadata, resume state, newest-checkpoint lookup.
+It imports no Ray, pyarrow, DALI or matplotlib, so serving can use it.
+
+A checkpoint folder (`checkpoint_epoch_NNNN`, inside the run folder):
 
     model.safetensors   weights only (safetensors: loading never unpickles anything)
-    model.json          architecture (AlexNetConfig), classes, normalisation, epoch, metrics
-    train_state.pt      optimizer, LR scheduler, epoch, RNG states: for resuming training only
+    model.json          format, architecture (AlexNetConfig), classes, normalisation, input
+                        size, epoch, metrics, `shards` (where the data came from and its JPEG
+                        quality), `run` (the run name) and `train_config` (the resolved config)
+    train_state.pt      resume only: optimizer, LR schedule, epoch, lr drops, guard reference,
+                        the config it was trained with; tensors, numbers and strings only
+    rank_state_R.pt     resume only, one per data-parallel rank R: that worker's RNG states
 
-Serving needs only the first two. A folder missing either, or whose json does not match
-the weights, is refused with a message saying what is wrong.
+The .pt files load with `torch.load(weights_only=True)`: no code runs on loading them.
+Serving needs only the first two. A folder missing either, or whose json does not match the
+weights, is refused with a message saying what is wrong.
+
+The run folder holds `latest_checkpoint.json`, written by the trainer once every worker has
+persisted a checkpoint (so it never names a half-written one): `latest_checkpoint(run)` reads
+it. Nothing here reads Ray's own bookkeeping files.
 """
 
 from __future__ import annotations
@@ -24,12 +37,27 @@ from trainer.model import AlexNet, AlexNetConfig
 WEIGHTS = "model.safetensors"
 META = "model.json"
 TRAIN_STATE = "train_state.pt"
+RANK_STATE = "rank_state_{rank}.pt"
+POINTER = "latest_checkpoint.json"
+CHECKPOINT_PREFIX = "checkpoint_"
 FORMAT = "alexnet-2012/checkpoint"
+POINTER_FORMAT = "alexnet-2012/latest-checkpoint"
 FORMAT_VERSION = 1
 
 
 class CheckpointError(ValueError):
     pass
+
+
+def checkpoint_dir_name(epoch: int) -> str:
+    return f"{CHECKPOINT_PREFIX}epoch_{epoch:04d}"
+
+
+def epoch_of(path: str | Path) -> int | None:
+    """The epoch in a checkpoint folder's name (checkpoint_epoch_NNNN), else None."""
+    name = Path(str(path)).name
+    prefix = f"{CHECKPOINT_PREFIX}epoch_"
+    return int(name[len(prefix):]) if name.startswith(prefix) and name[len(prefix):].isdigit() else None
 
 
 def unwrap(model: torch.nn.Module) -> AlexNet:
@@ -43,8 +71,16 @@ def unwrap(model: torch.nn.Module) -> AlexNet:
         model = inner
 
 
+def shards_meta(root: Path | str, manifest: dict) -> dict:
+    """The `shards` block: which shard set trained the model and how its JPEGs were made
+    (serving re-encodes requests at the same quality)."""
+    return {"path": str(root), "image_size": manifest.get("image_size"), "jpeg_quality": manifest.get("jpeg_quality"),
+            "plan_fingerprint": manifest.get("plan_fingerprint")}
+
+
 def save(folder: Path, model: torch.nn.Module, *, classes: list[dict], normalization: Normalization,
-         epoch: int, metrics: dict, train_state: dict | None = None, extra: dict | None = None) -> Path:
+         epoch: int, metrics: dict, shards: dict | None = None, run: str | None = None,
+         train_config: dict | None = None, train_state: dict | None = None) -> Path:
     """Write a checkpoint folder (files are renamed into place: never half-written)."""
     folder.mkdir(parents=True, exist_ok=True)
     net = unwrap(model)
@@ -57,13 +93,23 @@ def save(folder: Path, model: torch.nn.Module, *, classes: list[dict], normaliza
         "input_size": net.cfg.input_size,
         "epoch": epoch,
         "metrics": metrics,
-        **(extra or {}),
+        "shards": shards,
+        "run": run,
+        "train_config": train_config,
     }
     _atomic(folder / WEIGHTS, lambda p: save_file(tensors, str(p), metadata={"format": FORMAT}))
     _atomic(folder / META, lambda p: p.write_text(json.dumps(meta, indent=2) + "\n"))
     if train_state is not None:
         _atomic(folder / TRAIN_STATE, lambda p: torch.save(train_state, p))
     return folder
+
+
+def save_rank_state(folder: Path, rank: int, state: dict) -> Path:
+    """One data-parallel rank's own resume state (its RNG states) into a checkpoint folder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / RANK_STATE.format(rank=rank)
+    _atomic(path, lambda p: torch.save(state, p))
+    return path
 
 
 def _atomic(path: Path, write) -> None:
@@ -122,9 +168,60 @@ def load_model(folder: Path | str, device: str | torch.device = "cpu",
     return model.eval(), meta
 
 
-def load_train_state(folder: Path) -> dict | None:
+def _load_weights_only(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a pickle that needs more than tensors and plain data is refused here
+        lines = [x.strip() for x in str(exc).splitlines() if x.strip()]
+        why = next((x for x in lines if "WeightsUnpickler error" in x), lines[0] if lines else type(exc).__name__)
+        raise CheckpointError(f"{path} is not a resume state that loads without unpickling code: {why}") from None
+
+
+def load_train_state(folder: Path) -> dict:
+    """The shared resume state (optimizer, schedule, epoch, ...), loaded weights-only."""
     path = Path(folder) / TRAIN_STATE
     if not path.is_file():
+        raise CheckpointError(f"{folder} has no {TRAIN_STATE}: it cannot resume training")
+    return _load_weights_only(path)
+
+
+def load_rank_state(folder: Path, rank: int) -> dict | None:
+    """Rank's own resume state, or None if the checkpoint has none for it (fewer workers then)."""
+    path = Path(folder) / RANK_STATE.format(rank=rank)
+    return _load_weights_only(path) if path.is_file() else None
+
+
+def pointer_json(checkpoint_name: str, epoch: int) -> str:
+    """The run folder's latest_checkpoint.json: the newest complete checkpoint, by folder name
+    (relative, so the run folder may be mounted anywhere)."""
+    return json.dumps({"format": POINTER_FORMAT, "checkpoint": checkpoint_name, "epoch": epoch}) + "\n"
+
+
+def latest_checkpoint(run_dir: Path | str) -> Path | None:
+    """The newest complete checkpoint of a local run folder, from the pointer file the trainer
+    writes once every worker has persisted it; None if there is none (yet)."""
+    run_dir = Path(run_dir)
+    try:
+        pointer = json.loads((run_dir / POINTER).read_text())
+    except (OSError, ValueError):
         return None
-    # Our own file, written by save(); it holds optimizer state and RNG states (not weights).
-    return torch.load(path, map_location="cpu", weights_only=False)
+    if pointer.get("format") != POINTER_FORMAT:
+        return None
+    name = str(pointer.get("checkpoint", ""))
+    path = run_dir / name
+    if not name.startswith(CHECKPOINT_PREFIX) or "/" in name or not (path / WEIGHTS).is_file() \
+            or not (path / META).is_file():
+        return None
+    return path
+
+
+def resolve(path: Path | str) -> Path:
+    """A checkpoint folder as given, or a run folder's newest checkpoint."""
+    path = Path(path)
+    if (path / META).is_file():
+        return path
+    newest = latest_checkpoint(path)
+    if newest is None:
+        raise CheckpointError(f"{path} is neither a checkpoint folder (no {META}) nor a run folder with a "
+                              f"complete checkpoint (no {POINTER})")
+    return newest

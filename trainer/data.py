@@ -1,7 +1,7 @@
 """DALI input pipeline: the shard set (contract 1) -> augmented batches for PyTorch.
 
-One `@pipeline_def` (`alexnet_pipeline`) with one cpu/mixed switch, as DALI's ResNet-50
-example: JPEGs are decoded on the GPU ("mixed") when there is one, on the CPU otherwise,
+One pipeline definition (`_pipeline_fn`, made a `@pipeline_def` in `build_pipeline`) with
+one cpu/mixed switch, as DALI's ResNet-50 example: JPEGs are decoded on the GPU ("mixed") when there is one, on the CPU otherwise,
 and every other operator is the same code either way.
 
 - train:    random crop of the model's input size from the 256x256 image, random mirror,
@@ -16,6 +16,12 @@ its last sample and the iterator (reader_name + PARTIAL policy) drops that paddi
 no sample is seen twice. Workers' batch counts may differ by one; the training loop's DDP
 Join absorbs the difference. Train order is reshuffled every epoch (a seeded shuffle buffer, and the
 shard assignment rotates between epochs).
+
+Seeding: `DataConfig.seed` is the pipeline's seed, used as given. The trainer builds a fresh
+train loader for every epoch (trainer.loaders.EpochLoaders), seeded with
+`trainer.seeds.epoch_seed(run seed, epoch, rank)` and reading part `(rank + epoch) % world`,
+so epoch e's order and augmentation are the same whether or not the run was interrupted
+before it.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ import numpy as np
 import torch
 
 from pipeline.shardset import ShardSet, ShardSetError, open_shard_set  # noqa: F401  (contract 1's one reader)
-from pipeline.transforms import Lighting, Normalization, center_offset, ten_crop_boxes
+from pipeline.transforms import LIGHTING_ALPHA_STD, Lighting, Normalization, center_offset, ten_crop_boxes
 
 MODES = ("train", "center", "ten_crop")
 MAX_LABEL_DIGITS = 5
@@ -41,13 +47,14 @@ class DataConfig:
     input_size: int = 227
     shard_id: int = 0
     num_shards: int = 1
-    seed: int = 0
-    num_threads: int = 2
+    seed: int = 0  # DALI: the pipeline's seed, as given; webdataset: the run's seed (per-epoch seeds derive)
+    num_threads: int = 2  # DALI threads; webdataset: DataLoader worker processes
     device: str = "auto"  # auto | gpu | cpu
     device_id: int | None = None
     dtype: str = "float32"  # float32 | float16 | bfloat16
-    lighting_alpha_std: float = 0.1  # 0 turns the PCA lighting off
+    lighting_alpha_std: float = LIGHTING_ALPHA_STD  # 0 turns the PCA lighting off
     divide_by_std: bool = False
+    normalization: Normalization | None = None  # given: used instead of the shard set's (a checkpoint's own)
     shuffle_buffer: int = 4096
     with_keys: bool = False  # also yield each sample's key (tests, debugging)
 
@@ -146,14 +153,12 @@ def build_pipeline(shard_set: ShardSet, split: str, cfg: DataConfig):
     decoder = "mixed" if device == "gpu" else "cpu"
     device_id = (cfg.device_id if cfg.device_id is not None else torch.cuda.current_device()) if device == "gpu" else None
     tars, idxs = shard_set.files(split)
-    norm = shard_set.normalization(cfg.divide_by_std)
+    norm = cfg.normalization or shard_set.normalization(cfg.divide_by_std)
     lighting = (Lighting.from_stats(shard_set.stats, cfg.lighting_alpha_std)
                 if cfg.mode == "train" and cfg.lighting_alpha_std > 0 else None)
-    # Different workers and runs get different augmentation streams; same seed, same stream.
-    seed = (cfg.seed * 1_000_003 + cfg.shard_id) % (2**31 - 1)
     pipe_def = pipeline_def(_pipeline_fn, enable_conditionals=False)
     return pipe_def(tars, idxs, cfg, shard_set.image_size, decoder, norm, lighting, batch_size=cfg.batch_size,
-                    num_threads=cfg.num_threads, device_id=device_id, seed=seed,
+                    num_threads=cfg.num_threads, device_id=device_id, seed=cfg.seed,
                     prefetch_queue_depth=2), device, device_id
 
 
@@ -183,14 +188,6 @@ class DaliLoader:
 
     def __len__(self) -> int:
         return len(self._iter)
-
-    @property
-    def shard_size(self) -> int:
-        """Samples this worker sees per epoch (exact, padding excluded)."""
-        meta = self.pipe.reader_meta("reader")
-        total, n = meta["epoch_size"], self.cfg.num_shards
-        i = self.cfg.shard_id
-        return (total * (i + 1)) // n - (total * i) // n
 
     def __iter__(self):
         it = iter(self._iter)

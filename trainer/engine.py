@@ -77,14 +77,30 @@ def _join(model: torch.nn.Module):
     return contextlib.nullcontext()
 
 
+class StepHooks:
+    """What the training loop does around each step without the engine knowing it: the
+    learning-rate warm-up (`before_step`), progress lines and the divergence guard
+    (`after_step`, which returns True to end the epoch now: every rank must agree)."""
+
+    def before_step(self, step: int) -> None:
+        pass
+
+    def after_step(self, step: int, loss: torch.Tensor, batch: int) -> bool:
+        return False
+
+
 def train_one_epoch(model, loader, optimizer, *, amp_dtype: torch.dtype | None = None,
-                    device: torch.device | None = None, log_every: int = 0, logger=None) -> Tally:
+                    device: torch.device | None = None, hooks: StepHooks | None = None) -> Tally:
+    """One pass over `loader`. `hooks.after_step` gets the step's loss as a device tensor
+    (reading it forces a sync: do that every N steps, not every step)."""
     model.train()
     tally = Tally()
     wait0 = getattr(loader, "wait_s", 0.0)
     t0 = time.perf_counter()
     with _join(model):
         for step, (images, labels) in enumerate(loader):
+            if hooks is not None:
+                hooks.before_step(step)
             if device is not None and images.device != device:
                 images = images.to(device, non_blocking=True)
             with torch.autocast(device_type=(device or images.device).type, dtype=amp_dtype or torch.float32,
@@ -96,8 +112,8 @@ def train_one_epoch(model, loader, optimizer, *, amp_dtype: torch.dtype | None =
             loss.backward()
             optimizer.step()
             tally.add(logits.detach().float(), labels, loss.detach() * labels.numel())
-            if log_every and logger and (step + 1) % log_every == 0:
-                logger.info("  step %d: loss %.4f", step + 1, loss.item())
+            if hooks is not None and hooks.after_step(step, loss.detach(), int(labels.numel())):
+                break
     tally.finalize()
     tally.seconds = time.perf_counter() - t0
     tally.wait_seconds = getattr(loader, "wait_s", 0.0) - wait0

@@ -97,9 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("run", type=Path, help="run folder (STORAGE_PATH/NAME)")
     p.add_argument("--shards", type=Path, help="shard set for the retrieval sheet (its val split)")
     a = p.parse_args(argv)
-    from trainer.checkpoint import CheckpointError, load_model
+    from trainer.checkpoint import CheckpointError, latest_checkpoint, load_model
     from trainer.retrieval import retrieval_sheet
-    from trainer.runfolder import latest_checkpoint
 
     try:
         written = [plot_learning_curves(read_metrics(a.run), a.run / LEARNING_CURVES)]

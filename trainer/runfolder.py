@@ -1,7 +1,12 @@
-"""The run folder, `STORAGE_PATH/NAME/`: Ray Train's checkpoints plus our config.json and
-metrics.jsonl (one JSON object per epoch). STORAGE_PATH may be a local folder, a shared
-filesystem mounted on every node, or any URI pyarrow understands (s3://, gs://, hdfs://),
-the same storage Ray Train itself writes checkpoints to."""
+"""The run folder, `STORAGE_PATH/NAME/`: Ray Train's checkpoint folders (contract 2,
+trainer.checkpoint) plus our own files: config.json (the resolved config), config_changes.jsonl
+(what --allow-changes changed, and from which epoch), metrics.jsonl (one JSON object per
+epoch), latest_checkpoint.json (the newest complete checkpoint) and diverged.json (why the
+divergence guard stopped the run). STORAGE_PATH may be a local folder, a shared filesystem
+mounted on every node, or any URI pyarrow understands (s3://, gs://, hdfs://), the same
+storage Ray Train itself writes checkpoints to. Local readers that must not import pyarrow
+(serving) use trainer.checkpoint.latest_checkpoint; pyarrow (which Ray brings) is imported
+only inside RunFolder, so a serving-only install can still import this module."""
 
 from __future__ import annotations
 
@@ -10,15 +15,16 @@ import os
 import posixpath
 from pathlib import Path
 
-import pyarrow.fs as pafs
-
 CONFIG = "config.json"
+CONFIG_CHANGES = "config_changes.jsonl"
 METRICS = "metrics.jsonl"
-CHECKPOINT_PREFIX = "checkpoint_"
+DIVERGED = "diverged.json"
 
 
 class RunFolder:
     def __init__(self, storage_path: str, name: str):
+        import pyarrow.fs as pafs
+
         if "://" in storage_path:
             self.fs, root = pafs.FileSystem.from_uri(storage_path)
         else:
@@ -28,14 +34,17 @@ class RunFolder:
 
     @property
     def local_path(self) -> Path | None:
+        import pyarrow.fs as pafs
+
         return Path(self.root) if isinstance(self.fs, pafs.LocalFileSystem) else None
 
-    def _path(self, rel: str) -> str:
+    def path(self, rel: str) -> str:
+        """A path inside the run folder, on self.fs."""
         return posixpath.join(self.root, rel)
 
     def write_text(self, rel: str, text: str) -> None:
         """Write then move into place: readers never see half a file."""
-        path = self._path(rel)
+        path = self.path(rel)
         folder, base = posixpath.split(path)
         self.fs.create_dir(folder, recursive=True)
         tmp = posixpath.join(folder, f".{base}.tmp")
@@ -45,10 +54,28 @@ class RunFolder:
 
     def read_text(self, rel: str) -> str | None:
         try:
-            with self.fs.open_input_stream(self._path(rel)) as f:
+            with self.fs.open_input_stream(self.path(rel)) as f:
                 return f.read().decode("utf-8")
         except (FileNotFoundError, OSError):
             return None
+
+    def exists(self, rel: str = "") -> bool:
+        import pyarrow.fs as pafs
+
+        return self.fs.get_file_info(self.path(rel) if rel else self.root).type != pafs.FileType.NotFound
+
+    def delete(self, rel: str) -> None:
+        """Remove one file of the run folder, if it is there."""
+        if self.exists(rel):
+            self.fs.delete_file(self.path(rel))
+
+    def delete_all(self) -> None:
+        """Remove the whole run folder (--fresh)."""
+        if self.exists():
+            self.fs.delete_dir(self.root)
+
+    def append_text(self, rel: str, line: str) -> None:
+        self.write_text(rel, (self.read_text(rel) or "") + line)
 
     def metrics(self) -> list[dict]:
         text = self.read_text(METRICS) or ""
@@ -65,21 +92,3 @@ class RunFolder:
         self.write_text(METRICS, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
 
 
-RAY_CHECKPOINT_INDEX = "checkpoint_manager_snapshot.json"
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest checkpoint Ray Train has registered in a local run folder: listed in its
-    checkpoint_manager_snapshot.json (written only once a checkpoint is fully persisted) and
-    holding our files. A checkpoint_* folder that is not listed may be half-written: ignored."""
-    from trainer.checkpoint import META, WEIGHTS
-
-    try:
-        index = json.loads((Path(run_dir) / RAY_CHECKPOINT_INDEX).read_text())
-    except (OSError, ValueError):
-        return None
-    for entry in reversed(index.get("checkpoint_results", [])):
-        path = Path(run_dir) / entry.get("checkpoint_dir_name", "")
-        if path.name.startswith(CHECKPOINT_PREFIX) and (path / WEIGHTS).is_file() and (path / META).is_file():
-            return path
-    return None

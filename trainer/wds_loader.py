@@ -3,8 +3,8 @@
 
 It yields what trainer.data's `DaliLoader` yields, for the same (shard set, split,
 DataConfig): (images, labels[, keys]) batches, images float (N, 3, S, S) or (N, 10, 3, S, S)
-in ten_crop mode, CHW, in `cfg.dtype`; labels int64 (N,); `len()`, `wait_s`, `batches`,
-`shard_size`. The numbers come from pipeline.transforms, the definition serving shares:
+in ten_crop mode, CHW, in `cfg.dtype`; labels int64 (N,); `len()`, `wait_s`, `batches`
+(and its own `shard_size`). The numbers come from pipeline.transforms, the definition serving shares:
 - train:    a random S x S crop, every position equally likely; a mirror with p = 0.5;
             the paper's PCA lighting (`Lighting.shift`, alpha ~ N(0, lighting_alpha_std));
             minus the training mean (divided by the std if asked).
@@ -15,7 +15,8 @@ in ten_crop mode, CHW, in `cfg.dtype`; labels int64 (N,); `len()`, `wait_s`, `ba
 
 An epoch, for Ray worker `rank` of `world` (cfg.shard_id, cfg.num_shards), is a pure
 function of (shard sizes, seed, epoch, rank, world, batch size, shuffle window), see
-`epoch_order`:
+`epoch_order`; its seeds come from `trainer.seeds.epoch_seed`, which the DALI path's
+per-epoch seeds come from too (`cfg.seed` is the run's seed):
 1. train: the shards are put in a random order drawn from `epoch_seed(seed, epoch, None)`,
    the same on every rank; evaluation keeps the manifest's order.
 2. that sequence of samples is cut into `world` contiguous ranges, rank r taking
@@ -59,22 +60,11 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from pipeline.transforms import Lighting, Normalization, eval_crops
 from trainer.data import DataConfig, ShardSet, ShardSetError, resolve_device
+from trainer.seeds import epoch_seed
 
 TAR_BLOCK = 512
 _PERMUTE, _AUGMENT = 0, 1  # spawn keys: the rank's window shuffle; batch j's augmentation
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def epoch_seed(seed: int, epoch: int, rank: int | None) -> int:
-    """The one seed of an epoch's randomness on one rank: a pure function of the run's
-    seed, the epoch number (0-based) and the Ray worker rank; `rank=None` gives the seed
-    every rank shares (the shard order). Hashed through numpy's SeedSequence, so nearby
-    triples give unrelated streams; 31 bits, so it is a valid DALI pipeline seed too.
-    Resuming at epoch e reproduces epoch e's data exactly, with nothing saved but e."""
-    if epoch < 0 or (rank is not None and rank < 0):
-        raise ValueError(f"epoch and rank must be >= 0 (got epoch={epoch}, rank={rank})")
-    words = [seed % 2**64, epoch, 0 if rank is None else rank + 1]  # fixed length: no aliasing
-    return int(np.random.SeedSequence(words).generate_state(1, np.uint32)[0] >> 1)
 
 
 def epoch_order(counts: list[int] | np.ndarray, *, seed: int, epoch: int, rank: int, world: int,
@@ -302,13 +292,16 @@ class WdsLoader:
         lighting = (Lighting.from_stats(shard_set.stats, cfg.lighting_alpha_std)
                     if cfg.mode == "train" and cfg.lighting_alpha_std > 0 else None)
         self._epoch = multiprocessing.Value("q", epoch, lock=False)
-        self._dataset = _Batches(index, cfg, shard_set.image_size, shard_set.normalization(cfg.divide_by_std),
-                                 lighting, self._epoch)
+        norm = cfg.normalization or shard_set.normalization(cfg.divide_by_std)  # given: a checkpoint's own
+        self._dataset = _Batches(index, cfg, shard_set.image_size, norm, lighting, self._epoch)
         self._num_samples = len(self._dataset.order(epoch))
         workers = max(0, cfg.num_threads)
+        # Its own generator: each DataLoader iterator draws a base seed from it, and from torch's
+        # global one (the caller's: the trainer's dropout masks) otherwise, which would make a
+        # resumed run's masks differ. Nothing here uses that seed: batch_rng makes the draws.
         self._loader = DataLoader(self._dataset, batch_size=None, num_workers=workers,
                                   persistent_workers=workers > 0, pin_memory=self.device_kind == "gpu",
-                                  prefetch_factor=2 if workers > 0 else None)
+                                  prefetch_factor=2 if workers > 0 else None, generator=torch.Generator())
         self.wait_s = 0.0
         self.batches = 0
 

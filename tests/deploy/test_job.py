@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
 from deploy.job import JobConfig, parse_args
 from tests.helpers import REPO
@@ -28,13 +29,29 @@ def test_the_training_command_is_one_trainer_run_accepts():
     cfg = JobConfig(epochs=5, workers=4, gpus_per_worker=2, preset="paper", name="imagenet")
     command = cfg.train_command()
     assert command[1:3] == ["-m", "trainer.run"]
-    train, address = train_parse_args(command[3:])
+    train, args = train_parse_args(command[3:])
     assert (train.epochs, train.workers, train.gpus_per_worker, train.preset, train.name) == (5, 4, 2, "paper",
                                                                                               "imagenet")
-    assert train.data == "/data/shards" and train.storage_path == "/runs" and address is None
+    assert train.data == "/data/shards" and train.storage_path == "/runs" and args.address is None
     # epochs 0: the preset's own
     train, _ = train_parse_args(JobConfig().train_command()[3:])
     assert train.preset == "sample" and train.epochs == 8
+
+
+def test_the_preset_follows_the_data_unless_given():
+    """A mounted ImageNet trains the paper's recipe; the sample data the sample preset; an
+    explicit preset wins. Compose passes PRESET on with no default of its own."""
+    def preset(environ: dict) -> str:
+        train, _ = train_parse_args(parse_args([], environ=environ).train_command()[3:])
+        return train.preset
+
+    assert preset({"JOB_IMAGENET": "/imagenet", "JOB_PRESET": ""}) == "paper"
+    assert preset({"JOB_IMAGENET": "", "JOB_PRESET": ""}) == "sample"
+    assert preset({"JOB_IMAGENET": "/imagenet", "JOB_PRESET": "sample"}) == "sample"
+    assert preset({"JOB_PRESET": "paper"}) == "paper"
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    env = compose["services"]["job"]["environment"]
+    assert env["JOB_PRESET"] == "${PRESET:-}" and env["JOB_IMAGENET"] == "${IMAGENET_DIR:+/imagenet}"
 
 
 @pytest.mark.slow

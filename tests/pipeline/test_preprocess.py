@@ -216,7 +216,7 @@ def test_sixteen_bit_and_large_images_make_no_full_size_float_copies():
     assert peak < 4_000_000, f"{peak:,} bytes traced"
 
 
-def test_read_header_reports_size_mode_depth_frames_and_decode_memory():
+def test_read_header_reports_size_mode_depth_frames_transparency_and_decode_memory():
     from pipeline.preprocess import read_header
 
     png16 = read_header(encode(Image.fromarray(np.zeros((300, 400), dtype=np.uint16)), "PNG"))
@@ -230,5 +230,8 @@ def test_read_header_reports_size_mode_depth_frames_and_decode_memory():
     buf = io.BytesIO()
     frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:])
     assert read_header(buf.getvalue()).frames == 2
+    assert not png16.transparency
+    palette = Image.new("RGB", (40, 30), (10, 200, 30)).quantize(4)
+    assert read_header(encode(palette, "PNG", transparency=0)).transparency
     with pytest.raises(ImageError):
         read_header(b"not an image at all")

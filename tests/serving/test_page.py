@@ -1,6 +1,7 @@
-"""The web page in a real headless browser (Debian's chromium driven by Selenium):
-pick a file, see five bars. Skipped where chromium/chromedriver are not installed; CI
-installs them."""
+"""The web page in a real headless browser (Debian's chromium driven by Selenium), on the
+server that needs a token: without it the page says so; with the token typed into its
+field, pick a file, see five bars. Skipped where chromium/chromedriver are not installed;
+CI installs them."""
 
 from __future__ import annotations
 
@@ -9,13 +10,15 @@ import shutil
 import pytest
 from PIL import Image
 
+from tests.serving.conftest import TOKEN
+
 webdriver = pytest.importorskip("selenium.webdriver")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
 pytestmark = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="chromium and chromedriver not installed")
 
 
-def test_upload_shows_five_bars(server, tmp_path):
+def test_upload_with_the_token_shows_five_bars(guarded, tmp_path):
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
@@ -31,8 +34,13 @@ def test_upload_shows_five_bars(server, tmp_path):
     driver = webdriver.Chrome(options=options, service=Service(executable_path=CHROMEDRIVER))
     try:
         driver.set_window_size(900, 1000)
-        driver.get(f"{server}/")
+        driver.get(f"{guarded[0]}/")
         assert "AlexNet" in driver.title
+        driver.find_element(By.ID, "file").send_keys(str(image))  # no token yet
+        WebDriverWait(driver, 60).until(lambda d: "needs a token" in d.find_element(By.ID, "error").text)
+        driver.find_element(By.ID, "token").send_keys(TOKEN)
+        driver.get(f"{guarded[0]}/")  # reloaded: the token field keeps its value for this tab
+        assert driver.find_element(By.ID, "token").get_attribute("value") == TOKEN
         driver.find_element(By.ID, "file").send_keys(str(image))
         WebDriverWait(driver, 60).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".prediction")) == 5)
         rows = driver.find_elements(By.CSS_SELECTOR, ".prediction")

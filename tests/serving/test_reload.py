@@ -1,10 +1,9 @@
-"""A service started on a run folder with --watch-s switches to each newer checkpoint Ray
-Train registers, without a restart, and refuses one whose preprocessing differs. Real
+"""A service started on a run folder with --watch-s switches to each newer checkpoint the
+trainer points latest_checkpoint.json at, without a restart, and refuses one whose preprocessing differs. Real
 uvicorn, real checkpoints written by the trainer's save function."""
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -12,14 +11,15 @@ from pathlib import Path
 import httpx
 
 from tests.serving.conftest import make_checkpoint, running_server
-from trainer.runfolder import RAY_CHECKPOINT_INDEX
+from trainer.checkpoint import POINTER, pointer_json
 
 
 def register(run: Path, *names: str) -> None:
-    """What Ray Train does once a checkpoint is persisted: list it in the snapshot (atomically)."""
-    tmp = run / f".{RAY_CHECKPOINT_INDEX}.tmp"
-    tmp.write_text(json.dumps({"checkpoint_results": [{"checkpoint_dir_name": n} for n in names]}))
-    os.replace(tmp, run / RAY_CHECKPOINT_INDEX)
+    """What the trainer does once every worker has persisted a checkpoint: point the run
+    folder's latest_checkpoint.json at the newest (atomically)."""
+    tmp = run / f".{POINTER}.tmp"
+    tmp.write_text(pointer_json(names[-1], int(names[-1].rsplit("_", 1)[-1])))
+    os.replace(tmp, run / POINTER)
 
 
 def serving_epoch(url: str) -> int:

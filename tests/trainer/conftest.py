@@ -1,8 +1,12 @@
-"""What the input back-ends' tests share: the truth read straight from the tars, a shard set
-of flat-colour images (for the lighting), and a locator for random crops. No DALI needed."""
+"""What the trainer's tests share: the truth read straight from the tars, a shard set of
+flat-colour images (for the lighting), a locator for random crops (the input back-ends'
+tests; no DALI needed), and a tiny shard set for runs of the real trainer whose point is not
+learning (exact resume, refusals, the guard): 6 train and 2 val images per class of the
+sample data, one shard per split, so an epoch is a few steps."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +18,8 @@ from pipeline.shard import run
 from pipeline.transforms import Normalization
 from tests.helpers import read_tar, shard_config
 from trainer.data import open_shard_set
+
+PER_CLASS = {"train": 6, "val": 2}  # the tiny shard set's images per class
 
 
 def truth(out: Path, manifest: dict, split: str) -> dict[str, tuple[int, np.ndarray]]:
@@ -59,3 +65,17 @@ def locate(patch_chw: np.ndarray, image: np.ndarray, norm: Normalization) -> tup
             if np.allclose(src[top:top + crop, left:left + crop], target, atol=0.01):
                 return int(top), int(image.shape[1] - crop - left) if mirrored else int(left), mirrored
     return None
+
+
+@pytest.fixture(scope="session")
+def tiny_shard_set(sample_root, tmp_path_factory) -> tuple[Path, dict]:
+    raw = tmp_path_factory.mktemp("tiny") / "raw"
+    for split, n in PER_CLASS.items():
+        for folder in sorted(p for p in (sample_root / split).iterdir() if p.is_dir()):
+            (raw / split / folder.name).mkdir(parents=True)
+            for image in sorted(folder.iterdir())[:n]:
+                shutil.copy(image, raw / split / folder.name / image.name)
+    out = raw.parent / "shards"
+    manifest = run(shard_config(raw, out, samples_per_shard=1000))
+    assert manifest["splits"]["train"]["num_shards"] == 1 and manifest["splits"]["val"]["num_shards"] == 1
+    return out, manifest

@@ -55,18 +55,3 @@ def test_train_one_epoch_learns_and_times_the_data_wait():
     assert first.count == last.count == 64
     assert last.metrics("train")["train_loss"] < first.metrics("train")["train_loss"]
     assert last.top1 > first.top1
-
-
-def test_latest_checkpoint_is_the_newest_registered_one(tmp_path):
-    import json
-
-    from trainer.runfolder import RAY_CHECKPOINT_INDEX, latest_checkpoint
-
-    for name in ("checkpoint_a", "checkpoint_b", "checkpoint_c"):
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "model.safetensors").write_bytes(b"x")
-        (tmp_path / name / "model.json").write_text("{}")
-    assert latest_checkpoint(tmp_path) is None  # nothing registered yet: nothing trusted
-    index = {"checkpoint_results": [{"checkpoint_dir_name": "checkpoint_a"}, {"checkpoint_dir_name": "checkpoint_b"}]}
-    (tmp_path / RAY_CHECKPOINT_INDEX).write_text(json.dumps(index))
-    assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint_b"  # c exists but is not registered

@@ -15,7 +15,7 @@ from pipeline.transforms import eval_crops
 from tests.helpers import shard_config
 from tests.trainer.conftest import truth
 from trainer.data import DataConfig, ShardSetError, open_shard_set
-from trainer.wds_loader import WdsLoader, epoch_order, epoch_seed
+from trainer.wds_loader import WdsLoader, epoch_order
 
 BATCH = 16
 
@@ -171,18 +171,18 @@ def test_batches_do_not_depend_on_the_number_of_worker_processes(shards):
     assert_same_batches(runs[0], runs[2])
 
 
-def test_epoch_seed_is_a_fixed_pure_function():
-    # Pinned: changing the function would change every resumed run's data.
-    assert [epoch_seed(0, 0, 0), epoch_seed(0, 0, None), epoch_seed(2012, 89, 7)] == PINNED
-    seeds = {epoch_seed(s, e, r) for s in range(3) for e in range(20) for r in [None, *range(8)]}
-    assert len(seeds) == 3 * 20 * 9  # no two (seed, epoch, rank) share a stream
-    assert all(0 <= s < 2**31 for s in seeds)  # a valid DALI pipeline seed as well
-    assert epoch_seed(-1, 0, 0) == epoch_seed(2**64 - 1, 0, 0)
-    with pytest.raises(ValueError):
-        epoch_seed(0, -1, 0)
-
-
-PINNED = [1915600865, 1484405855, 1021371953]
+@pytest.mark.parametrize("processes", [0, 2])
+def test_reading_leaves_the_callers_random_streams_alone(shards, processes):
+    """torch's global generator draws the trainer's dropout masks: a loader that took from it
+    (a DataLoader iterator draws a base seed) would make a resumed run's masks differ."""
+    shard_set, _ = shards
+    torch.manual_seed(3)
+    before = torch.get_rng_state()
+    loader = WdsLoader(shard_set, "val", cfg(mode="center", num_threads=processes))
+    for _ in range(2):  # a first iterator, and a persistent one reset
+        next(iter(loader))
+    WdsLoader(shard_set, "train", cfg(num_threads=processes), epoch=1)
+    assert torch.equal(torch.get_rng_state(), before)
 
 
 def test_an_index_that_does_not_fit_its_tar_is_a_clear_error(shard_set, tmp_path):

@@ -1,0 +1,73 @@
+"""`pip install '.[serving]'` plus torch is enough to serve: a fresh venv with nothing else
+(no Ray, pyarrow, DALI, matplotlib), the project installed from this tree (not imported from
+it), `python -m serving` started from another folder on a run folder, and a prediction.
+
+Where the interpreter running the tests is already such an install (.ci/serving-floors), it
+is used as it is; elsewhere the test makes the venv (about a minute: torch is the bulk)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.serving.conftest import REPO, jpeg, running_server, serving_env
+
+HEAVY = ("ray", "pyarrow", "nvidia.dali", "matplotlib")
+
+
+def installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # a parent package is missing
+        return False
+
+
+def torch_spec() -> str:
+    import torch
+
+    return f"torch=={torch.__version__.split('+')[0]}"  # the build this machine already has
+
+
+def serving_only_python(tmp: Path) -> str:
+    if not any(installed(m) for m in HEAVY):
+        return sys.executable
+    venv = tmp / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    py = str(venv / "bin" / "python")
+    pip = [py, "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
+    subprocess.run([*pip, torch_spec()], check=True, timeout=900)
+    subprocess.run([*pip, f"{REPO}[serving]"], check=True, timeout=900)
+    return py
+
+
+@pytest.mark.slow
+def test_a_serving_only_install_starts_and_predicts(checkpoint, tmp_path):
+    py = serving_only_python(tmp_path)
+    probe = ("import importlib.util, json, serving\n"
+             "def has(m):\n"
+             "    try: return importlib.util.find_spec(m) is not None\n"
+             "    except ModuleNotFoundError: return False\n"
+             f"print(json.dumps({{'absent': [m for m in {HEAVY!r} if not has(m)], 'at': serving.__file__}}))")
+    facts = json.loads(subprocess.run([py, "-c", probe], cwd=tmp_path, capture_output=True, text=True,
+                                      check=True).stdout)
+    assert facts["absent"] == list(HEAVY)  # none of them installed, so none can be imported
+    assert not facts["at"].startswith(str(REPO))  # the installed package, not this tree
+    # A run folder whose newest registered checkpoint is ours (the serving path's lookup).
+    run = tmp_path / "run"
+    (run / "checkpoint_000001").mkdir(parents=True)
+    for f in checkpoint.iterdir():
+        (run / "checkpoint_000001" / f.name).write_bytes(f.read_bytes())
+    (run / "checkpoint_manager_snapshot.json").write_text(
+        json.dumps({"checkpoint_results": [{"checkpoint_dir_name": "checkpoint_000001"}]}))
+    env = serving_env()
+    env.pop("PYTHONPATH", None)
+    with running_server(["--checkpoint", str(run)], tmp_path / "server.log", env, python=py, cwd=tmp_path) as url:
+        r = httpx.post(f"{url}/predict", content=jpeg(), headers={"content-type": "image/jpeg"}, timeout=60)
+        assert r.status_code == 200 and len(r.json()["predictions"]) == 5, r.text
+        assert r.json()["checkpoint"]["checkpoint"] == "checkpoint_000001"
