@@ -16,8 +16,10 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
+from pipeline.shardset import MANIFEST
 from serving.errors import ApiError
-from serving.retrieval import MANIFEST, Cancelled, Index, OutsideRoots, build_index, confine, shard_tars
+from serving.retrieval import OutsideRoots, build_index, confine, shard_tars
+from trainer.retrieval import Cancelled, Index
 
 log = logging.getLogger("serving.indexing")
 

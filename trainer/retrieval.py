@@ -46,7 +46,10 @@ class Index:
         return self.root.name
 
     def nearest(self, query: torch.Tensor, k: int) -> list[dict]:
-        distances = torch.cdist(query.reshape(1, -1).float(), self.vectors)[0]
+        # Computed directly, not through the |x|^2 + |y|^2 - 2xy shortcut, whose rounding puts an
+        # image's distance to its own copy at ~0.03 instead of 0.
+        distances = torch.cdist(query.reshape(1, -1).float(), self.vectors,
+                                compute_mode="donot_use_mm_for_euclid_dist")[0]
         k = min(k, len(self.keys))
         values, indices = distances.topk(k, largest=False)
         return [{"key": self.keys[i], "source": self.origins[i], "distance": float(v)}
