@@ -33,9 +33,9 @@ import time
 from dataclasses import fields, replace
 from pathlib import Path
 
-from trainer.checkpoint import POINTER, TRAIN_STATE, CheckpointError, read_meta, resolve
+from trainer.checkpoint import POINTER, TRAIN_STATE, CheckpointError, parse_pointer, read_meta, resolve
 from trainer.config import ARCHITECTURE, DEFAULT_PRESET, PAPER, PRESETS, TrainConfig, config_changes, with_preset
-from trainer.data import ShardSetError, open_shard_set
+from pipeline.shardset import ShardSetError, open_shard_set
 from trainer.loaders import CHOICES as LOADER_CHOICES
 from trainer.loaders import LoaderUnavailable, resolve_loader
 from trainer.runfolder import CONFIG, CONFIG_CHANGES, DIVERGED, RunFolder
@@ -103,7 +103,7 @@ def reconcile_config(run: RunFolder, cfg: TrainConfig, allow_changes: bool) -> N
                                   "over")
         if changes:
             log.warning("applying changed settings (--allow-changes): %s", listed)
-            pointer = json.loads(run.read_text(POINTER) or "{}")
+            pointer = parse_pointer(run.read_text(POINTER)) or {}
             run.append_text(CONFIG_CHANGES, json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                                                         "after_epoch": pointer.get("epoch", 0),
                                                         "changes": {k: list(v) for k, v in changes.items()}},
