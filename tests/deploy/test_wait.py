@@ -9,9 +9,7 @@ import subprocess
 import sys
 import time
 
-from tests.helpers import REPO
-from tests.serving.conftest import make_checkpoint
-from tests.serving.test_reload import register
+from tests.helpers import REPO, make_checkpoint, register
 
 
 def start(*args: str) -> subprocess.Popen:

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from pipeline.shardset import FORMAT, FORMAT_VERSION, MANIFEST
-from tests.serving.conftest import AUTH, jpeg
+from tests.serving.helpers import AUTH, jpeg
 
 IMAGES = 24
 

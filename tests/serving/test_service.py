@@ -19,7 +19,7 @@ from PIL import Image
 from serving.app import create_app
 from serving.settings import Settings
 from tests.helpers import REPO
-from tests.serving.conftest import UPLOAD_LIMIT, encode, jpeg
+from tests.serving.helpers import UPLOAD_LIMIT, encode, jpeg
 from trainer.checkpoint import CheckpointError, load_model
 
 
@@ -49,7 +49,8 @@ def test_parity_with_the_trainers_eval_path(server, shard_set, sample_root, chec
     """The service's probabilities for a raw image equal what the trainer's evaluation
     (DALI val pipeline on the sharded image + the same checkpoint) computes."""
     pytest.importorskip("nvidia.dali", reason="the trainer's eval path needs DALI (not in a serving-only install)")
-    from trainer.data import DaliLoader, DataConfig, open_shard_set
+    from pipeline.shardset import open_shard_set
+    from trainer.data import DaliLoader, DataConfig
 
     shards = open_shard_set(shard_set[0])
     model, meta = load_model(checkpoint)

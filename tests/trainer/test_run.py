@@ -16,7 +16,6 @@ import pytest
 
 from trainer.checkpoint import latest_checkpoint, read_meta
 
-REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 
