@@ -5,7 +5,8 @@ Presets (`PRESETS`; `paper` is the default):
   lr dL/dw; w <- w + v: the learning rate inside the velocity, trainer/optim.py), weight
   decay 5e-4 on the weights and not on the biases (as cuda-convnet and Caffe's AlexNet),
   global batch 128, lr 0.01 divided by 10 when the validation error stops improving (at most
-  three times), 90 epochs, no warm-up; the paper's initialisation; mean subtraction only.
+  three times; "stops improving" is 2 epochs without a new best here: the paper gives no
+  number), 90 epochs, no warm-up; the paper's initialisation; mean subtraction only.
 - `sample`: the built-in sample data on a CPU in a few minutes. The paper's optimiser and
   schedule rule, but a global batch of 32, lr 0.005, 8 epochs, He initialisation and std
   scaling of the input. Measured on the 300-image sample set: with the paper's

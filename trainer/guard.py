@@ -2,8 +2,9 @@
 is stopped with a message instead of burning GPU-days (`--no-divergence-guard` turns it off).
 
 - reference: the loss of the run's first step (mean over workers), kept in the resume state;
-- a check (every `print_freq` steps while every worker is still in the epoch, and at each
-  epoch's end) looks at the mean loss since the previous check, over all workers;
+- a check every `print_freq` steps (while every worker is still in the epoch) looks at the
+  mean loss since the previous check, over all workers; the check at each epoch's end looks
+  at the whole epoch's mean;
 - it trips on a non-finite mean, or on FACTOR x reference exceeded at PATIENCE checks in a row.
 
 The numbers: an untrained net starts at about ln(classes) (2.3 for 10, 6.9 for 1000); a
