@@ -90,9 +90,9 @@ class TrainConfig:
     divide_by_std: bool = PAPER["divide_by_std"]
     # The architecture (AlexNetConfig's defaults are the paper's).
     input_size: int = AlexNetConfig.input_size
-    lrn: bool = True
-    columns: int = 2
-    pool_kernel: int = 3
+    lrn: bool = AlexNetConfig.lrn
+    columns: int = AlexNetConfig.columns
+    pool_kernel: int = AlexNetConfig.pool_kernel
     amp: bool = False  # bf16 autocast (GPU)
     channels_last: bool = False
     compile: bool = False
