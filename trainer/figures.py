@@ -5,8 +5,8 @@
 - learning_curves.png: train/val top-1 and top-5 error and the learning rate per epoch;
 - conv1_kernels.png: the 96 learned 11x11x3 conv1 kernels as an 8x12 tile, column A's 48
   on the left half and column B's 48 on the right (paper Figure 3);
-- retrieval.png (with --shards): validation query images, each followed by its 6 nearest
-  neighbours by Euclidean distance between fc7 vectors (paper Figure 4; drawn by
+- retrieval.png (with --shards): validation query images, each followed by the 6 training
+  images nearest to it by Euclidean distance between fc7 vectors (paper Figure 4; drawn by
   trainer.retrieval, which serving's /similar shares).
 """
 

@@ -95,9 +95,18 @@ def embed_all(root: Path, items: Iterable[Item], embed: Callable[[np.ndarray], t
     return Index(root=root, keys=keys, origins=origins, vectors=torch.cat(chunks), split=split)
 
 
+def figure4_rows(train: Index, val: Index, queries: int, neighbours: int) -> list[tuple[str, list[str]]]:
+    """The paper's Figure 4: `queries` validation images, evenly spread, each with the
+    `neighbours` training images nearest to it by fc7 distance; as origins ("tar:key")."""
+    step = max(1, len(val.keys) // queries)
+    return [(val.origins[q], [f["source"] for f in train.nearest(val.vectors[q], neighbours)])
+            for q in range(0, step * queries, step)[:queries]]
+
+
 def retrieval_sheet(checkpoint: Path, shards: Path, out: Path, queries: int = 5, neighbours: int = 6,
                     thumb: int = 96, batch: int = 32) -> Path:
-    """Figure 4: each row a validation query and its nearest neighbours by fc7 distance."""
+    """Figure 4: each row a validation image and the training images nearest to it by fc7
+    distance (the paper's query and search sets)."""
     from PIL import Image
 
     from pipeline.shardset import open_shard_set
@@ -106,31 +115,32 @@ def retrieval_sheet(checkpoint: Path, shards: Path, out: Path, queries: int = 5,
     model, meta = load_model(checkpoint)
     norm = Normalization.from_json(meta["normalization"])
     shard_set = open_shard_set(shards)
-    tars = [(s["tar"], shard_set.root / s["tar"]) for s in shard_set.shards("val")]
+    tars = {split: [(s["tar"], shard_set.root / s["tar"]) for s in shard_set.shards(split)] for split in ("train", "val")}
 
     @torch.no_grad()
     def embed(crops: np.ndarray) -> torch.Tensor:
         return model.forward_with_embedding(torch.from_numpy(crops))[1].float()
 
-    index = embed_all(shard_set.root, shard_samples(tars, int(meta["input_size"]), norm), embed, batch=batch)
-    wanted = set(index.keys)
+    size = int(meta["input_size"])
+    train, val = (embed_all(shard_set.root, shard_samples(tars[split], size, norm), embed, batch=batch, split=split)
+                  for split in ("train", "val"))
+    rows = figure4_rows(train, val, queries, neighbours)
+    wanted = {origin for query, found in rows for origin in (query, *found)}
     pixels = {}
-    for _, path in tars:
+    for name, path in tars["train"] + tars["val"]:
         with tarfile.open(path) as tar:
             for member in tar:
-                if member.name.endswith(".jpg") and member.name[:-4] in wanted:
+                origin = f"{name}:{member.name[:-4]}"
+                if member.name.endswith(".jpg") and origin in wanted:
                     img = Image.open(tar.extractfile(member)).convert("RGB").resize((thumb, thumb))
-                    pixels[member.name[:-4]] = np.asarray(img)
-    step = max(1, len(index.keys) // queries)
-    rows = []
-    for q in range(0, step * queries, step)[:queries]:
-        found = index.nearest(index.vectors[q], neighbours + 1)
-        keys = [index.keys[q]] + [f["key"] for f in found if f["key"] != index.keys[q]][:neighbours]
+                    pixels[origin] = np.asarray(img)
+    sheet = []
+    for query, found in rows:
         gap = np.full((thumb, 8, 3), 255, dtype=np.uint8)
-        row = [pixels[keys[0]], np.full((thumb, 16, 3), 255, dtype=np.uint8)]
-        for key in keys[1:]:
-            row += [pixels[key], gap]
-        rows += [np.concatenate(row, axis=1), np.full((8, sum(r.shape[1] for r in row), 3), 255, dtype=np.uint8)]
+        row = [pixels[query], np.full((thumb, 16, 3), 255, dtype=np.uint8)]
+        for origin in found:
+            row += [pixels[origin], gap]
+        sheet += [np.concatenate(row, axis=1), np.full((8, sum(r.shape[1] for r in row), 3), 255, dtype=np.uint8)]
     out.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.concatenate(rows, axis=0)).save(out)
+    Image.fromarray(np.concatenate(sheet, axis=0)).save(out)
     return out
