@@ -81,7 +81,7 @@ class TorchAugment:
 def torch_loader(shards: Path, workers: int, batch: int):
     import webdataset as wds
 
-    from trainer.data import open_shard_set
+    from pipeline.shardset import open_shard_set
 
     ss = open_shard_set(shards)
     urls, _ = ss.files("train")
@@ -93,14 +93,16 @@ def torch_loader(shards: Path, workers: int, batch: int):
 
 
 def wds_loader(shards: Path, workers: int, batch: int):
-    from trainer.data import DataConfig, open_shard_set
+    from pipeline.shardset import open_shard_set
+    from trainer.data import DataConfig
     from trainer.wds_loader import WdsLoader
 
     return WdsLoader(open_shard_set(shards), "train", DataConfig(mode="train", batch_size=batch, num_threads=workers))
 
 
 def dali_loader(shards: Path, threads: int, batch: int, device: str):
-    from trainer.data import DaliLoader, DataConfig, open_shard_set
+    from pipeline.shardset import open_shard_set
+    from trainer.data import DaliLoader, DataConfig
 
     return DaliLoader(open_shard_set(shards), "train",
                       DataConfig(mode="train", batch_size=batch, num_threads=threads, device=device))

@@ -23,7 +23,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from benchmarks.grouped_alexnet import GroupedAlexNet
+from trainer.grouped_model import GroupedAlexNet
 from trainer.model import AlexNet, AlexNetConfig
 from trainer.optim import PaperSGD, param_groups
 

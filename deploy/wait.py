@@ -1,7 +1,7 @@
 """`python -m deploy.wait shards DIR | checkpoint RUN_DIR`: block until a stage's output is complete.
 
     shards DIR         DIR holds a complete shard set: the check trainer.run itself makes
-                       (trainer.data.open_shard_set: manifest.json, written last, and every
+                       (pipeline.shardset.open_shard_set: manifest.json, written last, and every
                        shard it lists)
     checkpoint RUN     the run folder RUN has a registered checkpoint: the one `python -m
                        serving --checkpoint RUN` would load (trainer.checkpoint.latest_checkpoint)
@@ -35,7 +35,7 @@ class WaitConfig:
 
 def shards_ready(path: Path) -> str | None:
     """None when `path` is a complete shard set, else why not."""
-    from trainer.data import ShardSetError, open_shard_set
+    from pipeline.shardset import ShardSetError, open_shard_set
 
     try:
         open_shard_set(path)

@@ -42,7 +42,7 @@ def create_app(settings: Settings) -> FastAPI:
         await batcher.start()
         app.state.batcher = batcher
         app.state.decoder = DecodePool(settings.max_decodes)
-        app.state.indexer = Indexer(lambda: app.state.predictor, settings.max_batch)
+        app.state.indexer = Indexer(lambda: app.state.predictor, settings.max_batch, settings.max_index_images)
         if settings.index is not None:  # in the background: /ready does not wait for it
             app.state.indexer.start_configured(settings.index, settings.index_split)
         watcher = None

@@ -16,17 +16,21 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
+from pipeline.shardset import MANIFEST
 from serving.errors import ApiError
-from serving.retrieval import MANIFEST, Cancelled, Index, OutsideRoots, build_index, confine, shard_tars
+from serving.retrieval import OutsideRoots, build_index, confine, shard_tars
+from trainer.retrieval import Cancelled, Index
 
 log = logging.getLogger("serving.indexing")
 
 
 class Indexer:
-    def __init__(self, predictor: Callable[[], object], batch: int):
+    def __init__(self, predictor: Callable[[], object], batch: int, max_images: int):
         self._predictor = predictor  # the current model, whichever it is when a build starts
         self._batch = batch
+        self._max_images = max_images
         self.index: Index | None = None
+        self.index_model: object | None = None  # the predictor that embedded self.index
         self.state = "none"
         self.error: str | None = None
         self._source: tuple[Path, str, list[Path]] | None = None  # what the last build read
@@ -42,7 +46,8 @@ class Indexer:
         in service, if any (a failed rebuild leaves the previous index in service)."""
         out: dict = {"state": self.state}
         if self.index is not None:
-            out.update(size=len(self.index.keys), source=self.index.source)
+            out.update(size=len(self.index.keys), source=self.index.source,
+                       truncated=len(self.index.keys) >= self._max_images)
         if self.error:
             out["error"] = self.error
         return out
@@ -90,7 +95,8 @@ class Indexer:
     async def _build(self, target: Path, split: str, roots: list[Path], stop: threading.Event) -> None:
         predictor = self._predictor()
         try:
-            index = await asyncio.to_thread(build_index, target, predictor, split, self._batch, None, roots, stop)
+            index = await asyncio.to_thread(build_index, target, predictor, split, self._batch,
+                                          self._max_images, roots, stop)
         except Cancelled:
             return
         except Exception as exc:
@@ -101,7 +107,7 @@ class Indexer:
             return
         if stop.is_set() or self._predictor() is not predictor:  # replaced meanwhile: a newer build runs
             return
-        self.index, self.state = index, "ready"
+        self.index, self.index_model, self.state = index, predictor, "ready"
         log.info("index ready: %d images from %s", len(index.keys), target)
 
     def cancel(self) -> None:

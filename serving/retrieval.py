@@ -1,8 +1,6 @@
-"""Image retrieval by fc7 distance (paper 6.1): an index of embeddings for a folder of
-images or a shard set, and Euclidean nearest-neighbour search in it.
-
-A folder's images go through the same preprocessing as /predict; a shard set's samples
-are already 256x256 (decoded as the trainer decodes them) and only get the eval crop.
+"""/similar's index: what a network service adds to trainer.retrieval (the fc7 index, its
+search and the shard-set reading it shares with the paper's Figure 4): folders of images,
+which get the same preprocessing as /predict, and confinement to allowed roots.
 
 Every file read is confined to `roots` when given: the path is resolved (symlinks and
 `..` included) and must lie under one of them. A folder's image that resolves outside is
@@ -13,20 +11,14 @@ skipped with a warning; a shard set whose manifest names a tar outside is refuse
 from __future__ import annotations
 
 import logging
-import tarfile
 import threading
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-
-import numpy as np
-import simplejpeg
-import torch
 
 from pipeline.preprocess import ImageError
 from pipeline.shardset import MANIFEST, open_shard_set
-from pipeline.transforms import eval_crops
 from serving.settings import Settings
+from trainer.retrieval import Index, Item, embed_all, shard_samples
 
 log = logging.getLogger("serving.retrieval")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
@@ -34,10 +26,6 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 
 class OutsideRoots(PermissionError):
     """A path that resolves outside the allowed roots."""
-
-
-class Cancelled(Exception):
-    """The build was stopped (a newer one replaced it)."""
 
 
 def inside(path: Path, roots: Sequence[Path]) -> bool:
@@ -52,26 +40,6 @@ def confine(path: Path, roots: Sequence[Path]) -> Path:
     return resolved
 
 
-@dataclass
-class Index:
-    root: Path  # what was indexed (server side: never shown to clients)
-    keys: list[str]
-    origins: list[str]  # file path relative to root, or "shard.tar:key"
-    vectors: torch.Tensor  # (N, 4096) float32
-    split: str = "val"  # of a shard set (ignored for a folder)
-
-    @property
-    def source(self) -> str:
-        return self.root.name
-
-    def nearest(self, query: torch.Tensor, k: int) -> list[dict]:
-        distances = torch.cdist(query.reshape(1, -1).float(), self.vectors)[0]
-        k = min(k, len(self.keys))
-        values, indices = distances.topk(k, largest=False)
-        return [{"key": self.keys[i], "source": self.origins[i], "distance": float(v)}
-                for v, i in zip(values.tolist(), indices.tolist())]
-
-
 def shard_tars(root: Path, split: str, roots: Sequence[Path] | None = None) -> list[tuple[str, Path]]:
     """(name in the manifest, resolved path) of every tar of `split`, read through contract 1's
     reader (pipeline.shardset: ShardSetError for a missing split or an incomplete set);
@@ -81,7 +49,7 @@ def shard_tars(root: Path, split: str, roots: Sequence[Path] | None = None) -> l
     return [(shard["tar"], confine(root / shard["tar"], allowed)) for shard in shards]
 
 
-def _folder_items(folder: Path, predictor, roots: Sequence[Path]) -> Iterator[tuple[str, str, np.ndarray]]:
+def _folder_items(folder: Path, predictor, roots: Sequence[Path]) -> Iterator[Item]:
     allowed = [Path(r).resolve() for r in roots]
     for path in sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()):
         if not inside(path.resolve(), allowed):
@@ -93,16 +61,6 @@ def _folder_items(folder: Path, predictor, roots: Sequence[Path]) -> Iterator[tu
             log.warning("not indexed: %s: %s", path, exc.reason)
 
 
-def _shard_items(tars: list[tuple[str, Path]], predictor) -> Iterator[tuple[str, str, np.ndarray]]:
-    for name, path in tars:
-        with tarfile.open(path) as tar:
-            for member in tar:
-                if member.isfile() and member.name.endswith(".jpg"):
-                    pixels = simplejpeg.decode_jpeg(tar.extractfile(member).read(), colorspace="RGB")
-                    key = member.name[:-4]
-                    yield key, f"{name}:{key}", eval_crops(pixels, predictor.input_size, predictor.norm)
-
-
 def build_index(path: Path, predictor, split: str = "val", batch: int | None = None, limit: int | None = None,
                 roots: Sequence[Path] | None = None, stop: threading.Event | None = None) -> Index:
     """Embed every image under `path` (a folder, or a shard set's `split`), `batch` images per
@@ -112,31 +70,10 @@ def build_index(path: Path, predictor, split: str = "val", batch: int | None = N
     path = Path(path).resolve()
     roots = list(roots) if roots is not None else [path]
     if (path / MANIFEST).is_file():
-        items = _shard_items(shard_tars(path, split, roots), predictor)
+        items = shard_samples(shard_tars(path, split, roots), predictor.input_size, predictor.norm)
     elif path.is_dir():
         items = _folder_items(path, predictor, roots)
     else:
         raise FileNotFoundError(f"nothing to index at {path}")
-    keys, origins, chunks, pending = [], [], [], []
-
-    def flush():
-        if pending:
-            _, emb = predictor.forward(np.concatenate(pending))
-            chunks.append(emb)
-            pending.clear()
-
-    for key, origin, crops in items:
-        if stop is not None and stop.is_set():
-            raise Cancelled(f"indexing {path} was stopped")
-        keys.append(key)
-        origins.append(origin)
-        pending.append(crops)
-        if len(pending) >= batch:
-            flush()
-        if limit and len(keys) >= limit:
-            break
-    flush()
-    if not keys:
-        raise ValueError(f"no images found to index in {path.name}")
-    log.info("indexed %d images from %s", len(keys), path)
-    return Index(root=path, keys=keys, origins=origins, vectors=torch.cat(chunks), split=split)
+    return embed_all(path, items, lambda crops: predictor.forward(crops)[1], batch=batch, split=split,
+                     limit=limit, stop=stop)

@@ -100,6 +100,10 @@ async def similar(request: Request, k: int = 6):
     if not 1 <= k <= max_k:
         raise ApiError(400, "invalid_k", f"k must be between 1 and {max_k}")
     predictor, _, embeddings, timing = await _infer(request, ten_crop=False)
+    if not (predictor is request.app.state.predictor is indexer.index_model) or index is not indexer.index:
+        # The model changed while this request ran: its embedding and the index's are not comparable.
+        raise ApiError(409, "index_rebuilding", "the model changed and the index is being re-embedded; retry "
+                                                "when GET /index says ready")
     return {"neighbours": index.nearest(embeddings[0], k), "index": {"source": index.source, "size": len(index.keys)},
             "checkpoint": predictor.identity, "timing": timing}
 

@@ -73,6 +73,9 @@ class Settings(BaseSettings):
     # Roots under which POST /index may index on request (os.pathsep-separated); empty = off,
     # since it makes the server read files from its own disk.
     index_roots: str = ""
+    # At most this many images in an index (16 KiB of fc7 vector each: 100,000 is ~1.6 GB);
+    # a larger folder or split is indexed up to it and reported as truncated.
+    max_index_images: int = Field(100_000, ge=1)
 
     # Given a run folder: look for a newer checkpoint every watch_s seconds (0 = never) and
     # switch to it without a restart (training and serving side by side).

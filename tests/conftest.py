@@ -8,10 +8,9 @@ from pathlib import Path
 import pytest
 
 from pipeline.sample import SampleConfig, generate
-from pipeline.shard import ShardConfig, run
+from pipeline.shard import run
+from tests.helpers import shard_config
 from tests.raycluster import ray_cluster  # noqa: F401  (a session fixture: one Ray for every test)
-
-SHARD_SIZE = 64  # small shards so the 300-image sample set spans several of them
 
 
 @pytest.fixture(scope="session")
@@ -19,12 +18,6 @@ def sample_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("sample") / "raw"
     generate(SampleConfig(out=root))
     return root
-
-
-def shard_config(src: Path, out: Path, **kw) -> ShardConfig:
-    kw.setdefault("workers", 2)
-    kw.setdefault("samples_per_shard", SHARD_SIZE)
-    return ShardConfig(src=src, out=out, progress=False, **kw)
 
 
 @pytest.fixture(scope="session")

@@ -197,20 +197,37 @@ def pointer_json(checkpoint_name: str, epoch: int) -> str:
     return json.dumps({"format": POINTER_FORMAT, "checkpoint": checkpoint_name, "epoch": epoch}) + "\n"
 
 
+def parse_pointer(text: str | None) -> dict | None:
+    """latest_checkpoint.json's content -> {"checkpoint": folder name, "epoch": int}, or None
+    when there is none or it is not one (wrong format, a name that is not a checkpoint folder
+    of this run)."""
+    try:
+        pointer = json.loads(text) if text else None
+    except ValueError:
+        return None
+    if not isinstance(pointer, dict) or pointer.get("format") != POINTER_FORMAT:
+        return None
+    name = str(pointer.get("checkpoint", ""))
+    if not name.startswith(CHECKPOINT_PREFIX) or "/" in name or "\\" in name:
+        return None
+    try:
+        return {"checkpoint": name, "epoch": int(pointer["epoch"])}
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
 def latest_checkpoint(run_dir: Path | str) -> Path | None:
     """The newest complete checkpoint of a local run folder, from the pointer file the trainer
     writes once every worker has persisted it; None if there is none (yet)."""
     run_dir = Path(run_dir)
     try:
-        pointer = json.loads((run_dir / POINTER).read_text())
-    except (OSError, ValueError):
+        pointer = parse_pointer((run_dir / POINTER).read_text())
+    except OSError:
         return None
-    if pointer.get("format") != POINTER_FORMAT:
+    if pointer is None:
         return None
-    name = str(pointer.get("checkpoint", ""))
-    path = run_dir / name
-    if not name.startswith(CHECKPOINT_PREFIX) or "/" in name or not (path / WEIGHTS).is_file() \
-            or not (path / META).is_file():
+    path = run_dir / pointer["checkpoint"]
+    if not (path / WEIGHTS).is_file() or not (path / META).is_file():
         return None
     return path
 

@@ -42,6 +42,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
+from trainer.model import AlexNetConfig
+
 # The paper's recipe (section 5): the one definition of these values.
 PAPER: dict = dict(
     epochs=90, batch_size=128, lr=0.01, momentum=0.9, weight_decay=5e-4, decay_biases=False,
@@ -87,10 +89,10 @@ class TrainConfig:
     init: str = PAPER["init"]
     divide_by_std: bool = PAPER["divide_by_std"]
     # The architecture (AlexNetConfig's defaults are the paper's).
-    input_size: int = 227
-    lrn: bool = True
-    columns: int = 2
-    pool_kernel: int = 3
+    input_size: int = AlexNetConfig.input_size
+    lrn: bool = AlexNetConfig.lrn
+    columns: int = AlexNetConfig.columns
+    pool_kernel: int = AlexNetConfig.pool_kernel
     amp: bool = False  # bf16 autocast (GPU)
     channels_last: bool = False
     compile: bool = False

@@ -32,8 +32,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipeline.shardset import ShardSet, ShardSetError, open_shard_set  # noqa: F401  (contract 1's one reader)
+from pipeline.shardset import ShardSet, ShardSetError
 from pipeline.transforms import LIGHTING_ALPHA_STD, Lighting, Normalization, center_offset, ten_crop_boxes
+from trainer.model import AlexNetConfig
 
 MODES = ("train", "center", "ten_crop")
 MAX_LABEL_DIGITS = 5
@@ -44,7 +45,7 @@ KEY_BYTES = 512  # source_info ("tar:offset:key.jpg") padded to a fixed width fo
 class DataConfig:
     mode: str = "train"  # train | center | ten_crop
     batch_size: int = 128  # per worker (the paper's 128 is global: the trainer divides it)
-    input_size: int = 227
+    input_size: int = AlexNetConfig.input_size
     shard_id: int = 0
     num_shards: int = 1
     seed: int = 0  # DALI: the pipeline's seed, as given; webdataset: the run's seed (per-epoch seeds derive)

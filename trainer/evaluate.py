@@ -22,7 +22,8 @@ import torch
 
 from pipeline.transforms import Normalization
 from trainer.checkpoint import CheckpointError, load_model, resolve
-from trainer.data import DataConfig, ShardSetError, open_shard_set, resolve_device
+from pipeline.shardset import ShardSetError, open_shard_set
+from trainer.data import DataConfig, resolve_device
 from trainer.engine import evaluate
 from trainer.loaders import CHOICES as LOADER_CHOICES
 from trainer.loaders import LoaderUnavailable, open_loader, resolve_loader

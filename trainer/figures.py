@@ -5,8 +5,9 @@
 - learning_curves.png: train/val top-1 and top-5 error and the learning rate per epoch;
 - conv1_kernels.png: the 96 learned 11x11x3 conv1 kernels as an 8x12 tile, column A's 48
   on the left half and column B's 48 on the right (paper Figure 3);
-- retrieval.png (with --shards): validation query images, each followed by its 6 nearest
-  neighbours by Euclidean distance between fc7 vectors (paper Figure 4).
+- retrieval.png (with --shards): validation query images, each followed by the 6 training
+  images nearest to it by Euclidean distance between fc7 vectors (paper Figure 4; drawn by
+  trainer.retrieval, which serving's /similar shares).
 """
 
 from __future__ import annotations
@@ -83,45 +84,6 @@ def conv1_tile(model, out: Path) -> Path:
     return out
 
 
-def retrieval_sheet(checkpoint: Path, shards: Path, out: Path, queries: int = 5, neighbours: int = 6,
-                    thumb: int = 96) -> Path:
-    """Figure 4: each row a validation query and its nearest neighbours by fc7 distance."""
-    import tarfile
-
-    import numpy as np
-    from PIL import Image
-
-    from serving.predictor import Predictor
-    from serving.retrieval import build_index
-
-    predictor = Predictor(checkpoint, device="cpu")
-    index = build_index(shards, predictor, split="val")
-    images = {}
-    for origin in index.origins:
-        tar_rel, key = origin.rsplit(":", 1)
-        images.setdefault(tar_rel, set()).add(key)
-    pixels = {}
-    for tar_rel, keys in images.items():
-        with tarfile.open(Path(shards) / tar_rel) as tar:
-            for member in tar:
-                if member.name.endswith(".jpg") and member.name[:-4] in keys:
-                    img = Image.open(tar.extractfile(member)).convert("RGB").resize((thumb, thumb))
-                    pixels[member.name[:-4]] = np.asarray(img)
-    step = max(1, len(index.keys) // queries)
-    rows = []
-    for q in range(0, step * queries, step)[:queries]:
-        found = index.nearest(index.vectors[q], neighbours + 1)
-        keys = [index.keys[q]] + [f["key"] for f in found if f["key"] != index.keys[q]][:neighbours]
-        gap = np.full((thumb, 8, 3), 255, dtype=np.uint8)
-        row = [pixels[keys[0]], np.full((thumb, 16, 3), 255, dtype=np.uint8)]
-        for key in keys[1:]:
-            row += [pixels[key], gap]
-        rows += [np.concatenate(row, axis=1), np.full((8, sum(r.shape[1] for r in row), 3), 255, dtype=np.uint8)]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.concatenate(rows, axis=0)).save(out)
-    return out
-
-
 def read_metrics(run_dir: Path) -> list[dict]:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
@@ -135,8 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("run", type=Path, help="run folder (STORAGE_PATH/NAME)")
     p.add_argument("--shards", type=Path, help="shard set for the retrieval sheet (its val split)")
     a = p.parse_args(argv)
-    from trainer.checkpoint import CheckpointError, load_model
-    from trainer.checkpoint import latest_checkpoint
+    from trainer.checkpoint import CheckpointError, latest_checkpoint, load_model
+    from trainer.retrieval import retrieval_sheet
 
     try:
         written = [plot_learning_curves(read_metrics(a.run), a.run / LEARNING_CURVES)]

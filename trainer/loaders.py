@@ -20,7 +20,8 @@ from __future__ import annotations
 import logging
 from dataclasses import replace
 
-from trainer.data import DataConfig, ShardSet
+from pipeline.shardset import ShardSet
+from trainer.data import DataConfig
 from trainer.seeds import epoch_seed
 
 log = logging.getLogger("trainer.loaders")

@@ -38,7 +38,8 @@ import torch.distributed as dist
 
 from trainer import checkpoint as ckpt_io
 from trainer.config import TrainConfig, config_changes
-from trainer.data import DataConfig, ShardSet, open_shard_set
+from pipeline.shardset import ShardSet, open_shard_set
+from trainer.data import DataConfig
 from trainer.engine import StepHooks, evaluate, train_one_epoch
 from trainer.guard import DivergenceGuard
 from trainer.loaders import EpochLoaders, open_loader, resolve_loader
@@ -151,10 +152,10 @@ def resume_source(cfg: TrainConfig, run: RunFolder):
     registered = ray.train.get_checkpoint()
     if registered is not None:
         candidates.append((ckpt_io.epoch_of(registered.path) or 0, registered))
-    pointer = json.loads(run.read_text(ckpt_io.POINTER) or "{}")
-    if pointer.get("format") == ckpt_io.POINTER_FORMAT:
+    pointer = ckpt_io.parse_pointer(run.read_text(ckpt_io.POINTER))
+    if pointer is not None:
         path = run.path(pointer["checkpoint"])
-        candidates.append((int(pointer["epoch"]), ray.train.Checkpoint(path=path, filesystem=run.fs)))
+        candidates.append((pointer["epoch"], ray.train.Checkpoint(path=path, filesystem=run.fs)))
     if candidates:
         _, newest = max(candidates, key=lambda c: c[0])
         return newest.as_directory(), newest.path

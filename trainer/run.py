@@ -33,9 +33,9 @@ import time
 from dataclasses import fields, replace
 from pathlib import Path
 
-from trainer.checkpoint import POINTER, TRAIN_STATE, CheckpointError, read_meta, resolve
+from trainer.checkpoint import META, POINTER, TRAIN_STATE, CheckpointError, parse_pointer, read_meta, resolve
 from trainer.config import ARCHITECTURE, DEFAULT_PRESET, PAPER, PRESETS, TrainConfig, config_changes, with_preset
-from trainer.data import ShardSetError, open_shard_set
+from pipeline.shardset import ShardSetError, open_shard_set
 from trainer.loaders import CHOICES as LOADER_CHOICES
 from trainer.loaders import LoaderUnavailable, resolve_loader
 from trainer.runfolder import CONFIG, CONFIG_CHANGES, DIVERGED, RunFolder
@@ -80,34 +80,53 @@ def check_setup(cfg: TrainConfig) -> None:
             raise TrainSetupError(f"--resume {folder}: no {TRAIN_STATE}, so it cannot resume training")
 
 
-def reconcile_config(run: RunFolder, cfg: TrainConfig, allow_changes: bool) -> None:
-    """A resumed run keeps its settings unless told otherwise: compare with the run's stored
-    config (or --resume's checkpoint) and refuse, name, or record the differences."""
-    stored_text = run.read_text(CONFIG)
-    if stored_text is not None:
-        stored, what = json.loads(stored_text), f"run {run.uri}"
-    elif cfg.resume_from:
-        stored, what = read_meta(resolve(cfg.resume_from)).get("train_config") or {}, f"checkpoint {cfg.resume_from}"
-    else:
-        stored = None
-    if stored is not None:
-        changes = config_changes(stored, cfg)
-        listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items())
-        fixed = sorted(ARCHITECTURE & set(changes))
-        if fixed:
-            raise TrainSetupError(f"{what} has a different architecture ({listed}); {', '.join(fixed)} cannot change "
-                                  "on a resumed run: use --fresh or a new --name")
-        if changes and not allow_changes:
-            raise TrainSetupError(f"{what} was trained with other settings: {listed}. Resubmit with the stored values, "
-                                  "add --allow-changes to apply the new ones from the next epoch, or --fresh to start "
-                                  "over")
-        if changes:
-            log.warning("applying changed settings (--allow-changes): %s", listed)
-            pointer = json.loads(run.read_text(POINTER) or "{}")
-            run.append_text(CONFIG_CHANGES, json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                                                        "after_epoch": pointer.get("epoch", 0),
-                                                        "changes": {k: list(v) for k, v in changes.items()}},
-                                                       sort_keys=True) + "\n")
+def stored_config(run: RunFolder, cfg: TrainConfig) -> tuple[dict | None, str]:
+    """What the run was trained with, and what to call it: its newest checkpoint's own record
+    (config.json can be ahead of it when an --allow-changes submission never reached a
+    checkpoint), else config.json, else --resume's checkpoint; (None, "") for a new run."""
+    pointer = parse_pointer(run.read_text(POINTER))
+    if pointer is not None:
+        meta = run.read_text(f"{pointer['checkpoint']}/{META}")
+        stored = json.loads(meta).get("train_config") if meta else None
+        if stored:
+            return stored, f"run {run.uri} (checkpoint {pointer['checkpoint']})"
+    text = run.read_text(CONFIG)
+    if text is not None:
+        return json.loads(text), f"run {run.uri}"
+    if cfg.resume_from:
+        return read_meta(resolve(cfg.resume_from)).get("train_config") or {}, f"checkpoint {cfg.resume_from}"
+    return None, ""
+
+
+def judge_changes(run: RunFolder, cfg: TrainConfig, allow_changes: bool) -> dict[str, tuple]:
+    """A resumed run keeps its settings unless told otherwise: the differences from what it was
+    trained with, refused (TrainSetupError naming each) unless --allow-changes. Reads only."""
+    stored, what = stored_config(run, cfg)
+    if stored is None:
+        return {}
+    changes = config_changes(stored, cfg)
+    listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items())
+    fixed = sorted(ARCHITECTURE & set(changes))
+    if fixed:
+        raise TrainSetupError(f"{what} has a different architecture ({listed}); {', '.join(fixed)} cannot change "
+                              "on a resumed run: use --fresh or a new --name")
+    if changes and not allow_changes:
+        raise TrainSetupError(f"{what} was trained with other settings: {listed}. Resubmit with the stored values, "
+                              "add --allow-changes to apply the new ones from the next epoch, or --fresh to start "
+                              "over")
+    return changes
+
+
+def record_config(run: RunFolder, cfg: TrainConfig, changes: dict[str, tuple]) -> None:
+    """Once nothing can refuse the submission any more: config.json, and what changed when."""
+    if changes:
+        log.warning("applying changed settings (--allow-changes): %s",
+                    "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items()))
+        pointer = parse_pointer(run.read_text(POINTER)) or {}
+        run.append_text(CONFIG_CHANGES, json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                                                    "after_epoch": pointer.get("epoch", 0),
+                                                    "changes": {k: list(v) for k, v in changes.items()}},
+                                                   sort_keys=True) + "\n")
     run.write_text(CONFIG, json.dumps(cfg.to_json(), indent=2, sort_keys=True) + "\n")
 
 
@@ -150,11 +169,7 @@ def fit(cfg: TrainConfig, address: str | None = None, *, allow_changes: bool = F
     except LoaderUnavailable as exc:
         raise TrainSetupError(str(exc)) from None
     run = RunFolder(cfg.storage_path, cfg.name)
-    if fresh and run.exists():
-        log.warning("--fresh: deleting run folder %s", run.uri)
-        run.delete_all()
-    reconcile_config(run, cfg, allow_changes)
-    run.delete(DIVERGED)  # a guard stop of an earlier submission
+    changes = {} if fresh else judge_changes(run, cfg, allow_changes)
 
     import ray
     import ray.train
@@ -170,6 +185,12 @@ def fit(cfg: TrainConfig, address: str | None = None, *, allow_changes: bool = F
         ray.init(address=target, log_to_driver=True, runtime_env=pinned_cluster(target))
     try:
         check_cluster(cfg)
+        # Only now, when nothing can refuse the submission, does the run folder change.
+        if fresh and run.exists():
+            log.warning("--fresh: deleting run folder %s", run.uri)
+            run.delete_all()
+        record_config(run, cfg, changes)
+        run.delete(DIVERGED)  # a guard stop of an earlier submission
         gpu = cfg.gpus_per_worker > 0
         trainer = TorchTrainer(
             train_loop_per_worker,

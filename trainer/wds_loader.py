@@ -59,7 +59,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from pipeline.transforms import Lighting, Normalization, eval_crops
-from trainer.data import DataConfig, ShardSet, ShardSetError, resolve_device
+from pipeline.shardset import ShardSet, ShardSetError
+from trainer.data import DataConfig, resolve_device
 from trainer.seeds import epoch_seed
 
 TAR_BLOCK = 512

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from tests.pipeline.test_shard import REPO
+from tests.helpers import REPO
 
 DOCKERFILE = REPO / "deploy" / "Dockerfile"
 

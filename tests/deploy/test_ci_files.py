@@ -8,7 +8,7 @@ import re
 
 import yaml
 
-from tests.pipeline.test_shard import REPO
+from tests.helpers import REPO
 
 BUILD_FILES = [".ci/run", ".ci/compose", ".ci/phases.sh", "Makefile", "deploy/Dockerfile", "docker-compose.yml",
                "deploy/compose.gpu.yml", "deploy/compose.public.yml", "deploy/build-extras/README.md"]

@@ -11,7 +11,7 @@ import yaml
 
 from deploy.job import JobConfig
 from tests.deploy.dockerfile import build_targets, stages
-from tests.pipeline.test_shard import REPO
+from tests.helpers import REPO
 
 RAY_SERVICES = ("ray-head", "ray-worker", "job")
 LONG_LIVED = ("ray-head", "ray-worker", "api")

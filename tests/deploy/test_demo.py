@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.pipeline.test_shard import REPO
+from tests.helpers import REPO
 from tests.raycluster import ray_env
 
 pytestmark = pytest.mark.slow

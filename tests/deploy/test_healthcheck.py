@@ -14,7 +14,7 @@ import pytest
 from deploy.healthcheck import http_ok, raylet_running
 from deploy.ray_token import ensure_token
 from deploy.steps import free_port
-from tests.pipeline.test_shard import REPO
+from tests.helpers import REPO
 
 TOKEN = "s3cret"
 

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from deploy.job import JobConfig, parse_args
-from tests.pipeline.test_shard import REPO
+from tests.helpers import REPO
 from trainer.run import parse_args as train_parse_args
 
 
@@ -26,16 +26,16 @@ def test_settings_come_from_flags_then_environment_then_defaults():
 
 
 def test_the_training_command_is_one_trainer_run_accepts():
-    cfg = JobConfig(epochs=5, workers=4, gpus_per_worker=2, preset="paper", name="imagenet")
+    cfg = JobConfig(epochs=5, workers=4, gpus_per_worker=2, preset="paper", name="imagenet", input_size=67)
     command = cfg.train_command()
     assert command[1:3] == ["-m", "trainer.run"]
     train, args = train_parse_args(command[3:])
-    assert (train.epochs, train.workers, train.gpus_per_worker, train.preset, train.name) == (5, 4, 2, "paper",
-                                                                                              "imagenet")
+    assert (train.epochs, train.workers, train.gpus_per_worker, train.preset, train.name, train.input_size) == (
+        5, 4, 2, "paper", "imagenet", 67)
     assert train.data == "/data/shards" and train.storage_path == "/runs" and args.address is None
     # epochs 0: the preset's own
     train, _ = train_parse_args(JobConfig().train_command()[3:])
-    assert train.preset == "sample" and train.epochs == 8
+    assert train.preset == "sample" and train.epochs == 8 and train.input_size == 227
 
 
 def test_the_preset_follows_the_data_unless_given():
@@ -58,7 +58,7 @@ def test_the_preset_follows_the_data_unless_given():
 def test_job_shards_trains_on_the_cluster_and_draws_figures(ray_cluster, tmp_path):
     data, runs = tmp_path / "data", tmp_path / "runs"
     cmd = [sys.executable, "-m", "deploy.job", "--data", str(data), "--runs", str(runs), "--address",
-           ray_cluster.dashboard_url, "--epochs", "1", "--workers", "2", "--name", "job"]
+           ray_cluster.dashboard_url, "--epochs", "1", "--workers", "2", "--name", "job", "--input-size", "67"]
     r = subprocess.run(cmd, cwd=REPO, env=ray_cluster.env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     for stage in ("1/4", "2/4", "3/4", "4/4"):

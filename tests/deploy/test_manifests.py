@@ -19,7 +19,7 @@ import pipeline.shard
 import trainer.run
 from tests.deploy.dockerfile import arg_default, build_targets
 from tests.deploy.k8s import OVERLAYS, by_key, containers, gpus, pod_specs, rayjob, render
-from tests.pipeline.test_shard import REPO
+from tests.helpers import REPO
 
 PLACEHOLDERS = ("alexnet-2012", "alexnet-2012-ray")  # the image names in deploy/k8s/base
 

@@ -8,11 +8,8 @@ import shutil
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-from tests.pipeline.test_shard import REPO
-from tests.serving.conftest import make_checkpoint
-from tests.serving.test_reload import register
+from tests.helpers import REPO, make_checkpoint, register
 
 
 def start(*args: str) -> subprocess.Popen:

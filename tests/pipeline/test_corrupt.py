@@ -13,7 +13,7 @@ import pytest
 
 from pipeline.preprocess import ImageError, prepare_image
 from pipeline.shard import run
-from tests.conftest import shard_config
+from tests.helpers import shard_config
 from tests.corrupt_images import catalogue, photo
 
 CASES = catalogue()

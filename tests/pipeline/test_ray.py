@@ -9,8 +9,7 @@ import sys
 import pytest
 
 from pipeline.shard import parse_args, resolve_ray_address, run
-from tests.conftest import shard_config
-from tests.pipeline.test_shard import tree_bytes
+from tests.helpers import shard_config, tree_bytes
 
 
 def test_ray_tasks_write_the_same_bytes_as_local_processes(sample_root, shard_set, tmp_path, monkeypatch):

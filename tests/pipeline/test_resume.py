@@ -11,8 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pipeline.shard import run
-from tests.conftest import shard_config
-from tests.pipeline.test_shard import REPO, tree_bytes
+from tests.helpers import REPO, shard_config, tree_bytes
 
 SMALL_SHARDS = 16  # many shards, so kills land between, inside and after shard writes
 

@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline.sample import CLASSES, SampleConfig, generate
-from tests.pipeline.test_shard import REPO, read_tar, tree_bytes
+from tests.helpers import REPO, read_tar, tree_bytes
 
 
 def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path):

@@ -7,7 +7,6 @@ import io
 import json
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -16,18 +15,7 @@ from PIL import Image
 
 from pipeline.shard import run
 from pipeline.wds import ShardTarWriter, write_index_with_dali
-from tests.conftest import SHARD_SIZE, shard_config
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-def tree_bytes(root: Path) -> dict[str, bytes]:
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def read_tar(path: Path) -> list[tuple[str, bytes]]:
-    with tarfile.open(path) as tar:
-        return [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
+from tests.helpers import REPO, SHARD_SIZE, read_tar, shard_config, tree_bytes
 
 
 def test_manifest_counts_and_checksums_match_the_files(shard_set, sample_root):

@@ -11,7 +11,7 @@ import time
 import httpx
 import pytest
 
-from tests.serving.conftest import jpeg, metric, running_server, serving_env
+from tests.serving.helpers import jpeg, metric, running_server, serving_env
 
 TIGHT = dict(max_in_flight=4, max_queue_images=20, max_batch=20, max_wait_ms=6000, request_timeout_s=3,
              retry_after_s=3)

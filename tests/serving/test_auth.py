@@ -12,7 +12,8 @@ import pytest
 from pydantic import ValidationError
 
 from serving.settings import Settings
-from tests.serving.conftest import AUTH, CHUNK, REPO, TOKEN, jpeg, serving_env, stream
+from tests.helpers import REPO
+from tests.serving.helpers import AUTH, CHUNK, TOKEN, jpeg, serving_env, stream
 
 
 def endless() -> Iterator[bytes]:

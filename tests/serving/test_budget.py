@@ -9,7 +9,7 @@ from PIL import Image
 
 from pipeline.preprocess import read_header
 from serving.budget import decode_cost
-from tests.serving.conftest import encode
+from tests.serving.helpers import encode
 
 SIDE = 1200
 

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from pipeline.shardset import FORMAT, FORMAT_VERSION, MANIFEST
-from tests.serving.conftest import AUTH, jpeg
+from tests.serving.helpers import AUTH, jpeg
 
 IMAGES = 24
 
@@ -75,7 +75,7 @@ def test_index_builds_off_the_request_path_one_at_a_time(guarded, tree):
     assert second.status_code == 409 and second.json()["error"] == "index_busy"
     assert httpx.get(f"{url}/ready").json()["index"] == {"state": "building"}
     state = wait_state(url, "ready", "failed")
-    assert state == {"state": "ready", "size": IMAGES, "source": "good"}  # the symlink out was skipped
+    assert state == {"state": "ready", "size": IMAGES, "source": "good", "truncated": False}  # the symlink out was skipped
     assert "escape.jpg resolves outside the allowed roots" in log.read_text()
     assert httpx.get(f"{url}/ready").json()["index"] == {"state": "ready", "size": IMAGES}
     r = httpx.post(f"{url}/similar", params={"k": 3}, content=jpeg(), headers={"content-type": "image/jpeg", **AUTH},

@@ -16,7 +16,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.serving.conftest import REPO, jpeg, running_server, serving_env
+from tests.helpers import REPO, register
+from tests.serving.helpers import jpeg, running_server, serving_env
 
 HEAVY = ("ray", "pyarrow", "nvidia.dali", "matplotlib")
 
@@ -60,14 +61,13 @@ def test_a_serving_only_install_starts_and_predicts(checkpoint, tmp_path):
     assert not facts["at"].startswith(str(REPO))  # the installed package, not this tree
     # A run folder whose newest registered checkpoint is ours (the serving path's lookup).
     run = tmp_path / "run"
-    (run / "checkpoint_000001").mkdir(parents=True)
+    (run / "checkpoint_epoch_0001").mkdir(parents=True)
     for f in checkpoint.iterdir():
-        (run / "checkpoint_000001" / f.name).write_bytes(f.read_bytes())
-    (run / "checkpoint_manager_snapshot.json").write_text(
-        json.dumps({"checkpoint_results": [{"checkpoint_dir_name": "checkpoint_000001"}]}))
+        (run / "checkpoint_epoch_0001" / f.name).write_bytes(f.read_bytes())
+    register(run, "checkpoint_epoch_0001")
     env = serving_env()
     env.pop("PYTHONPATH", None)
     with running_server(["--checkpoint", str(run)], tmp_path / "server.log", env, python=py, cwd=tmp_path) as url:
         r = httpx.post(f"{url}/predict", content=jpeg(), headers={"content-type": "image/jpeg"}, timeout=60)
         assert r.status_code == 200 and len(r.json()["predictions"]) == 5, r.text
-        assert r.json()["checkpoint"]["checkpoint"] == "checkpoint_000001"
+        assert r.json()["checkpoint"]["checkpoint"] == "checkpoint_epoch_0001"

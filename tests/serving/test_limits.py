@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from serving.settings import MULTIPART_OVERHEAD_BYTES
-from tests.serving.conftest import CHUNK, UPLOAD_LIMIT, encode, jpeg, stream
+from tests.serving.helpers import CHUNK, UPLOAD_LIMIT, encode, jpeg, stream
 
 OFFERED = 128 * 1024 * 1024  # what the client would send if the server kept reading
 # What may be in flight when the server stops: the limit, multipart framing, and the kernel's

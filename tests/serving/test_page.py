@@ -10,7 +10,7 @@ import shutil
 import pytest
 from PIL import Image
 
-from tests.serving.conftest import TOKEN
+from tests.serving.helpers import TOKEN
 
 webdriver = pytest.importorskip("selenium.webdriver")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

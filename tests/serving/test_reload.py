@@ -4,22 +4,12 @@ uvicorn, real checkpoints written by the trainer's save function."""
 
 from __future__ import annotations
 
-import os
 import time
-from pathlib import Path
 
 import httpx
 
-from tests.serving.conftest import make_checkpoint, running_server
-from trainer.checkpoint import POINTER, pointer_json
-
-
-def register(run: Path, *names: str) -> None:
-    """What the trainer does once every worker has persisted a checkpoint: point the run
-    folder's latest_checkpoint.json at the newest (atomically)."""
-    tmp = run / f".{POINTER}.tmp"
-    tmp.write_text(pointer_json(names[-1], int(names[-1].rsplit("_", 1)[-1])))
-    os.replace(tmp, run / POINTER)
+from tests.helpers import make_checkpoint, register
+from tests.serving.helpers import running_server
 
 
 def serving_epoch(url: str) -> int:

@@ -18,7 +18,8 @@ from PIL import Image
 
 from serving.app import create_app
 from serving.settings import Settings
-from tests.serving.conftest import REPO, UPLOAD_LIMIT, encode, jpeg
+from tests.helpers import REPO
+from tests.serving.helpers import UPLOAD_LIMIT, encode, jpeg
 from trainer.checkpoint import CheckpointError, load_model
 
 
@@ -48,7 +49,8 @@ def test_parity_with_the_trainers_eval_path(server, shard_set, sample_root, chec
     """The service's probabilities for a raw image equal what the trainer's evaluation
     (DALI val pipeline on the sharded image + the same checkpoint) computes."""
     pytest.importorskip("nvidia.dali", reason="the trainer's eval path needs DALI (not in a serving-only install)")
-    from trainer.data import DaliLoader, DataConfig, open_shard_set
+    from pipeline.shardset import open_shard_set
+    from trainer.data import DaliLoader, DataConfig
 
     shards = open_shard_set(shard_set[0])
     model, meta = load_model(checkpoint)
@@ -203,3 +205,24 @@ def test_similar_finds_the_image_itself_first_in_a_shard_set_index(checkpoint, s
         assert distances == sorted(distances)
         # Itself first, as the trainer saw it (float noise only: batched vs single forward).
         assert body["neighbours"][0]["key"] == raw.stem and distances[0] < 0.01 * distances[1]
+
+
+def test_an_index_is_bounded_and_never_answers_for_another_model(checkpoint, shard_set, sample_root):
+    from fastapi.testclient import TestClient
+
+    from serving.predictor import Predictor
+
+    out, _ = shard_set
+    with TestClient(create_app(Settings(checkpoint=checkpoint, index=out, max_index_images=10))) as client:
+        for _ in range(600):
+            if client.get("/index").json()["state"] == "ready":
+                break
+            time.sleep(0.1)
+        assert client.get("/index").json() | {"state": "ready"} == {"state": "ready", "size": 10, "source": out.name,
+                                                                     "truncated": True}
+        image = {"content": jpeg(), "headers": {"content-type": "image/jpeg"}}
+        assert client.post("/similar?k=3", **image).status_code == 200
+        # A newer model swapped in while the index still holds the old one's embeddings.
+        client.app.state.predictor = Predictor(checkpoint, device="cpu")
+        r = client.post("/similar?k=3", **image)
+        assert r.status_code == 409 and r.json()["error"] == "index_rebuilding", r.text

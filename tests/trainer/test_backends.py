@@ -14,8 +14,9 @@ import pytest
 import torch
 
 from pipeline.transforms import Lighting
-from tests.trainer.conftest import locate, truth
-from trainer.data import DataConfig, open_shard_set
+from tests.trainer.helpers import locate, truth
+from pipeline.shardset import open_shard_set
+from trainer.data import DataConfig
 from trainer.wds_loader import WdsLoader
 
 BATCH = 16

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from pipeline.transforms import Normalization
-from tests.pipeline.test_shard import REPO
+from tests.helpers import REPO
 from trainer import checkpoint as ck
 from trainer.config import TrainConfig
 from trainer.loop import State, new_state, rank_state_payload, train_state_payload
@@ -129,6 +129,18 @@ def test_latest_checkpoint_follows_the_pointer_only(tmp_path):
     assert ck.latest_checkpoint(tmp_path) is None
     with pytest.raises(ck.CheckpointError, match="neither a checkpoint"):
         ck.resolve(tmp_path)
+
+
+def test_the_pointer_is_parsed_in_one_place_and_anything_odd_is_no_pointer():
+    assert ck.parse_pointer(ck.pointer_json("checkpoint_epoch_0007", 7)) == {"checkpoint": "checkpoint_epoch_0007",
+                                                                             "epoch": 7}
+    good = {"format": ck.POINTER_FORMAT, "checkpoint": "checkpoint_epoch_0001", "epoch": 1}
+    for text in (None, "", "{", "[]", json.dumps({**good, "format": "x"}), json.dumps({**good, "epoch": "one"}),
+                 json.dumps({k: v for k, v in good.items() if k != "epoch"}),
+                 json.dumps({**good, "checkpoint": "../checkpoint_epoch_0001"}),
+                 json.dumps({**good, "checkpoint": "checkpoint_epoch_0001/../../x"}),
+                 json.dumps({**good, "checkpoint": "model"})):
+        assert ck.parse_pointer(text) is None, text
 
 
 def test_the_checkpoint_module_imports_nothing_heavy():

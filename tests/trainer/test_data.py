@@ -14,9 +14,10 @@ pytest.importorskip("nvidia.dali")
 
 from pipeline.transforms import eval_crops  # noqa: E402
 from pipeline.shard import run  # noqa: E402
-from tests.conftest import shard_config  # noqa: E402
-from tests.trainer.conftest import locate, truth  # noqa: E402
-from trainer.data import DaliLoader, DataConfig, ShardSetError, open_shard_set  # noqa: E402
+from tests.helpers import shard_config  # noqa: E402
+from tests.trainer.helpers import locate, truth  # noqa: E402
+from pipeline.shardset import ShardSetError, open_shard_set  # noqa: E402
+from trainer.data import DaliLoader, DataConfig  # noqa: E402
 
 BATCH = 16
 

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from trainer import loaders
-from trainer.data import DataConfig, open_shard_set
+from pipeline.shardset import open_shard_set
+from trainer.data import DataConfig
 from trainer.loaders import EpochLoaders, LoaderUnavailable, resolve_loader
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmarks.grouped_alexnet import GroupedAlexNet
+from trainer.grouped_model import GroupedAlexNet
 from trainer.model import AlexNet, AlexNetConfig, PaperLRN, count_parameters
 
 torch.manual_seed(0)

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.pipeline.test_shard import REPO
+from tests.helpers import REPO
 from trainer.config import PRESETS, TrainConfig
 from trainer.model import AlexNet, AlexNetConfig
 from trainer.optim import build_optimizer, build_scheduler

@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.pipeline.test_shard import REPO
+from tests.helpers import REPO
 from trainer.checkpoint import latest_checkpoint, read_meta
 from trainer.config import TrainConfig, with_preset
 from trainer.run import TrainSetupError, fit

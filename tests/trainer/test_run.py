@@ -16,7 +16,6 @@ import pytest
 
 from trainer.checkpoint import latest_checkpoint, read_meta
 
-REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 
@@ -103,5 +102,14 @@ def test_setup_errors_are_clear(ray_cluster, shard_set, tmp_path):
     assert r.returncode == 2 and "--resume" in r.stderr
     r = run("--data", str(data), "--workers", "2", "--gpus-per-worker", "2", "--address", ray_cluster.gcs_address)
     assert r.returncode == 2 and "requested, but the Ray cluster has 0" in r.stderr
+    # A submission the cluster refuses changes nothing in the run folder: --fresh deletes
+    # nothing, and an --allow-changes config is not recorded as if it had been trained.
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "config.json").write_text('{"lr": 0.5}')
+    for flag in ("--fresh", "--allow-changes"):
+        r = run("--data", str(data), "--name", "kept", "--workers", "2", "--gpus-per-worker", "2", flag, "--address",
+                ray_cluster.gcs_address)
+        assert r.returncode == 2 and "requested, but the Ray cluster has 0" in r.stderr, r.stderr[-2000:]
+        assert (tmp_path / "kept" / "config.json").read_text() == '{"lr": 0.5}'
     r = run("--help")
     assert r.returncode == 0 and "--gpus-per-worker" in r.stdout

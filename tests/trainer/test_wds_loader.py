@@ -12,9 +12,10 @@ import torch
 
 from pipeline.shard import run
 from pipeline.transforms import eval_crops
-from tests.conftest import shard_config
-from tests.trainer.conftest import truth
-from trainer.data import DataConfig, ShardSetError, open_shard_set
+from tests.helpers import shard_config
+from tests.trainer.helpers import truth
+from pipeline.shardset import ShardSetError, open_shard_set
+from trainer.data import DataConfig
 from trainer.wds_loader import WdsLoader, epoch_order
 
 BATCH = 16

@@ -1,7 +1,8 @@
-"""Baseline for benchmarks/model_step.py: the same network as trainer.model.AlexNet written
-as ONE module with grouped convolutions (the way torchvision-era code expresses the two
-columns). Same FLOPs, same parameters, same function: `from_columns` copies a two-column
-model's weights in, and the outputs agree (tests/trainer/test_model.py holds that)."""
+"""The two-column AlexNet's twin: the same network as trainer.model.AlexNet written as ONE
+module with grouped convolutions (the way torchvision-era code expresses the two columns).
+Same FLOPs, same parameters, same function: `from_columns` copies a two-column model's
+weights in, and the outputs agree. It is the oracle for tests/trainer/test_model.py and the
+baseline for benchmarks/model_step.py; nothing in training or serving uses it."""
 
 from __future__ import annotations
 

@@ -1,0 +1,41 @@
+"""What the trainer's tests share: the truth read straight from the tars, and a locator for
+random crops (the input back-ends' tests; no DALI needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import simplejpeg
+
+from pipeline.transforms import Normalization
+from tests.helpers import read_tar
+
+
+def truth(out: Path, manifest: dict, split: str) -> dict[str, tuple[int, np.ndarray]]:
+    """key -> (label, decoded 256x256 image), read straight from the tars."""
+    samples = {}
+    for shard in manifest["splits"][split]["shards"]:
+        members = dict(read_tar(out / shard["tar"]))
+        for name, data in members.items():
+            if name.endswith(".jpg"):
+                key = name[:-4]
+                samples[key] = (int(members[key + ".cls"]), simplejpeg.decode_jpeg(data, colorspace="RGB"))
+    return samples
+
+
+def locate(patch_chw: np.ndarray, image: np.ndarray, norm: Normalization) -> tuple[int, int, bool] | None:
+    """Find (top, left, mirrored) of a train crop (lighting off) inside its source image:
+    a small probe narrows the candidates (vectorised), the whole patch confirms."""
+    crop = patch_chw.shape[1]
+    target = patch_chw.transpose(1, 2, 0) * np.asarray(norm.std, np.float32) + np.asarray(norm.mean, np.float32)
+    span = image.shape[0] - crop + 1
+    probe = target[:2, :8]
+    for mirrored in (False, True):
+        src = np.ascontiguousarray(image[:, ::-1] if mirrored else image).astype(np.float32)
+        windows = np.lib.stride_tricks.sliding_window_view(src, probe.shape)[:span, :span, 0]
+        hits = np.argwhere(np.abs(windows - probe).max(axis=(2, 3, 4)) < 0.01)
+        for top, left in hits:
+            if np.allclose(src[top:top + crop, left:left + crop], target, atol=0.01):
+                return int(top), int(image.shape[1] - crop - left) if mirrored else int(left), mirrored
+    return None
