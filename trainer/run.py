@@ -80,28 +80,30 @@ def check_setup(cfg: TrainConfig) -> None:
             raise TrainSetupError(f"--resume {folder}: no {TRAIN_STATE}, so it cannot resume training")
 
 
-def stored_config(run: RunFolder, cfg: TrainConfig) -> tuple[dict | None, str]:
+def stored_config(run: RunFolder, cfg: TrainConfig, *, fresh: bool = False) -> tuple[dict | None, str]:
     """What the run was trained with, and what to call it: its newest checkpoint's own record
     (config.json can be ahead of it when an --allow-changes submission never reached a
-    checkpoint), else config.json, else --resume's checkpoint; (None, "") for a new run."""
-    pointer = parse_pointer(run.read_text(POINTER))
-    if pointer is not None:
-        meta = run.read_text(f"{pointer['checkpoint']}/{META}")
-        stored = json.loads(meta).get("train_config") if meta else None
-        if stored:
-            return stored, f"run {run.uri} (checkpoint {pointer['checkpoint']})"
-    text = run.read_text(CONFIG)
-    if text is not None:
-        return json.loads(text), f"run {run.uri}"
+    checkpoint), else config.json, else --resume's checkpoint; (None, "") for a new run.
+    With --fresh the run's own files do not count (they are about to go)."""
+    if not fresh:
+        pointer = parse_pointer(run.read_text(POINTER))
+        if pointer is not None:
+            meta = run.read_text(f"{pointer['checkpoint']}/{META}")
+            stored = json.loads(meta).get("train_config") if meta else None
+            if stored:
+                return stored, f"run {run.uri} (checkpoint {pointer['checkpoint']})"
+        text = run.read_text(CONFIG)
+        if text is not None:
+            return json.loads(text), f"run {run.uri}"
     if cfg.resume_from:
         return read_meta(resolve(cfg.resume_from)).get("train_config") or {}, f"checkpoint {cfg.resume_from}"
     return None, ""
 
 
-def judge_changes(run: RunFolder, cfg: TrainConfig, allow_changes: bool) -> dict[str, tuple]:
+def judge_changes(run: RunFolder, cfg: TrainConfig, allow_changes: bool, *, fresh: bool = False) -> dict[str, tuple]:
     """A resumed run keeps its settings unless told otherwise: the differences from what it was
     trained with, refused (TrainSetupError naming each) unless --allow-changes. Reads only."""
-    stored, what = stored_config(run, cfg)
+    stored, what = stored_config(run, cfg, fresh=fresh)
     if stored is None:
         return {}
     changes = config_changes(stored, cfg)
@@ -169,7 +171,7 @@ def fit(cfg: TrainConfig, address: str | None = None, *, allow_changes: bool = F
     except LoaderUnavailable as exc:
         raise TrainSetupError(str(exc)) from None
     run = RunFolder(cfg.storage_path, cfg.name)
-    changes = {} if fresh else judge_changes(run, cfg, allow_changes)
+    changes = judge_changes(run, cfg, allow_changes, fresh=fresh)
 
     import ray
     import ray.train
