@@ -100,6 +100,11 @@ def stored_config(run: RunFolder, cfg: TrainConfig, *, fresh: bool = False) -> t
     return None, ""
 
 
+def describe_changes(changes: dict[str, tuple]) -> str:
+    """`field: old -> new; ...`, the one wording of a config change in errors and logs."""
+    return "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items())
+
+
 def judge_changes(run: RunFolder, cfg: TrainConfig, allow_changes: bool, *, fresh: bool = False) -> dict[str, tuple]:
     """A resumed run keeps its settings unless told otherwise: the differences from what it was
     trained with, refused (TrainSetupError naming each) unless --allow-changes. Reads only."""
@@ -107,7 +112,7 @@ def judge_changes(run: RunFolder, cfg: TrainConfig, allow_changes: bool, *, fres
     if stored is None:
         return {}
     changes = config_changes(stored, cfg)
-    listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items())
+    listed = describe_changes(changes)
     fixed = sorted(ARCHITECTURE & set(changes))
     if fixed:
         raise TrainSetupError(f"{what} has a different architecture ({listed}); {', '.join(fixed)} cannot change "
@@ -122,8 +127,7 @@ def judge_changes(run: RunFolder, cfg: TrainConfig, allow_changes: bool, *, fres
 def record_config(run: RunFolder, cfg: TrainConfig, changes: dict[str, tuple]) -> None:
     """Once nothing can refuse the submission any more: config.json, and what changed when."""
     if changes:
-        log.warning("applying changed settings (--allow-changes): %s",
-                    "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items()))
+        log.warning("applying changed settings (--allow-changes): %s", describe_changes(changes))
         pointer = parse_pointer(run.read_text(POINTER)) or {}
         run.append_text(CONFIG_CHANGES, json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                                                     "after_epoch": pointer.get("epoch", 0),
