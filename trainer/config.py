@@ -139,3 +139,8 @@ def config_changes(stored: dict, cfg: TrainConfig) -> dict[str, tuple]:
         if stored[name] != new[name]:
             changed[name] = (stored[name], new[name])
     return changed
+
+
+def describe_changes(changes: dict[str, tuple]) -> str:
+    """`field: old -> new; ...`, the one wording of config_changes in errors and logs."""
+    return "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items())

@@ -34,7 +34,8 @@ from dataclasses import fields, replace
 from pathlib import Path
 
 from trainer.checkpoint import META, POINTER, TRAIN_STATE, CheckpointError, parse_pointer, read_meta, resolve
-from trainer.config import ARCHITECTURE, DEFAULT_PRESET, PAPER, PRESETS, TrainConfig, config_changes, with_preset
+from trainer.config import (ARCHITECTURE, DEFAULT_PRESET, PAPER, PRESETS, TrainConfig, config_changes,
+                            describe_changes, with_preset)
 from pipeline.shardset import ShardSetError, open_shard_set
 from trainer.loaders import CHOICES as LOADER_CHOICES
 from trainer.loaders import LoaderUnavailable, resolve_loader
@@ -98,11 +99,6 @@ def stored_config(run: RunFolder, cfg: TrainConfig, *, fresh: bool = False) -> t
     if cfg.resume_from:
         return read_meta(resolve(cfg.resume_from)).get("train_config") or {}, f"checkpoint {cfg.resume_from}"
     return None, ""
-
-
-def describe_changes(changes: dict[str, tuple]) -> str:
-    """`field: old -> new; ...`, the one wording of a config change in errors and logs."""
-    return "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items())
 
 
 def judge_changes(run: RunFolder, cfg: TrainConfig, allow_changes: bool, *, fresh: bool = False) -> dict[str, tuple]:

@@ -10,7 +10,7 @@ from dataclasses import replace
 import pytest
 
 from trainer import checkpoint as ck
-from trainer.config import TrainConfig
+from trainer.config import TrainConfig, config_changes, describe_changes
 from trainer.run import TrainSetupError, judge_changes
 from trainer.runfolder import CONFIG, RunFolder
 
@@ -47,3 +47,12 @@ def test_fresh_ignores_the_run_but_not_the_checkpoint_it_resumes_from(run, tmp_p
     cfg = TrainConfig(lr=0.3, resume_from=str(other))
     with pytest.raises(TrainSetupError, match=r"checkpoint .*lr: 0.02 -> 0.3"):
         judge_changes(run, cfg, allow_changes=False, fresh=True)
+
+
+def test_a_change_is_listed_field_by_field_in_one_wording():
+    """The wording the refusal and the --allow-changes warning share; fields free to change
+    (epochs) and the run's identity (name) are not changes."""
+    stored = TrainConfig(lr=0.01, batch_size=128, epochs=5, name="a").to_json()
+    changes = config_changes(stored, TrainConfig(lr=0.02, batch_size=256, epochs=9, name="b"))
+    assert changes == {"batch_size": (128, 256), "lr": (0.01, 0.02)}
+    assert describe_changes(changes) == "batch_size: 128 -> 256; lr: 0.01 -> 0.02"
