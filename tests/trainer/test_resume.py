@@ -230,8 +230,13 @@ def test_evaluate_a_checkpoint_centre_and_ten_crop_with_either_loader(runs, tmp_
     assert procs[1].returncode == 0, wds_stderr[-3000:]
     result, wds = json.loads(stdout), json.loads(wds_stdout)
     assert result == json.loads(out.read_text()) and result["loader"] == "dali" and wds["loader"] == "webdataset"
-    # the same pixels (tests/trainer/test_backends.py), the same batches: the same numbers
-    assert {k: v for k, v in result.items() if k != "loader"} == {k: v for k, v in wds.items() if k != "loader"}
+    # the same pixels (tests/trainer/test_backends.py), the same batches: the same predictions, and
+    # the same losses up to float rounding (CPU kernels may sum in another order: 8e-8 relative seen in CI)
+    assert result.keys() == wds.keys()
+    assert {k: v for k, v in result.items() if k != "loader" and not k.endswith("_loss")} == \
+        {k: v for k, v in wds.items() if k != "loader" and not k.endswith("_loss")}
+    assert [result[k] for k in result if k.endswith("_loss")] == \
+        [pytest.approx(wds[k], rel=1e-6) for k in result if k.endswith("_loss")]
     val = runs["manifest"]["splits"]["val"]["num_samples"]
     assert result["epoch"] == 3 and result["center_images"] == result["ten_crop_images"] == val
     last = runs["straight"][1]["metrics"][-1]
