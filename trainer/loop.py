@@ -44,7 +44,7 @@ from trainer.engine import StepHooks, evaluate, train_one_epoch
 from trainer.guard import DivergenceGuard
 from trainer.loaders import EpochLoaders, open_loader, resolve_loader
 from trainer.model import AlexNet, AlexNetConfig
-from trainer.optim import apply_changes, build_optimizer, build_scheduler, set_lr, warmup_scale
+from trainer.optim import apply_changes, build_optimizer, build_scheduler, plateau_judges, set_lr, warmup_scale
 from trainer.progress import Progress
 from trainer.runfolder import DIVERGED, RunFolder
 from trainer.seeds import capture_rng, epoch_seed, restore_rng, seed_rank
@@ -291,7 +291,7 @@ def run_epoch(state: State, cfg: TrainConfig, shards: ShardSet, devices, rank: i
             return EpochResult({}, (steps, reason))
     val_tally = evaluate(eval_model, val, amp_dtype=amp_dtype, device=devices[0]).all_reduce()
     val_metrics = val_tally.metrics("val")
-    if cfg.warmup_epochs <= state.epoch:  # no plateau decisions during warm-up
+    if plateau_judges(cfg, state.epoch):
         before = state.optimizer.param_groups[0]["lr"]
         state.scheduler.step(val_metrics["val_top1_error"])
         state.lr_drops += state.optimizer.param_groups[0]["lr"] < before

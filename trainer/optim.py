@@ -13,7 +13,9 @@ and Caffe's bvlc_alexnet (decay_mult 0 on biases); `decay_biases=True` decays ev
 
 The schedule: lr *= lr_factor (0.1) whenever the validation top-1 error has not improved for
 lr_patience epochs, at most max_lr_drops (3) times (torch's ReduceLROnPlateau with a min_lr),
-after an optional linear warm-up (`warmup_epochs`, 0 in the paper).
+after an optional linear warm-up (`warmup_epochs`, 0 in the paper). The schedule judges only
+epochs trained wholly after the warm-up: with `warmup_epochs=1.5` the first is epoch 3 (index 2),
+since epoch 2's val error still reflects half an epoch at a rising lr.
 """
 
 from __future__ import annotations
@@ -95,6 +97,12 @@ def warmup_scale(cfg: TrainConfig, epoch: int, step: int, steps_per_epoch: int) 
     if total <= 0 or done > total:
         return None
     return done / total
+
+
+def plateau_judges(cfg: TrainConfig, epoch: int) -> bool:
+    """Whether the plateau schedule sees the val error of `epoch` (0-based): only epochs that
+    began after the warm-up had ended."""
+    return epoch >= cfg.warmup_epochs
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

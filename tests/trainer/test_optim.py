@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from trainer.config import PRESETS, TrainConfig
-from trainer.optim import (PaperSGD, apply_changes, build_optimizer, build_scheduler, param_groups, warmup_scale)
+from trainer.optim import (PaperSGD, apply_changes, build_optimizer, build_scheduler, param_groups,
+                          plateau_judges, warmup_scale)
 
 PAPER = TrainConfig()  # the default config is the paper's recipe (test_recipe.py holds that)
 
@@ -114,6 +115,16 @@ def test_warmup_is_linear_and_off_in_the_paper_preset():
     scales = [warmup_scale(cfg, e, s, 10) for e in range(3) for s in range(10)]
     assert scales[:20] == [pytest.approx((i + 1) / 20) for i in range(20)]
     assert scales[20:] == [None] * 10
+
+
+@pytest.mark.parametrize("warmup, first_judged", [(0, 0), (0.5, 1), (1, 1), (1.5, 2), (2, 2)])
+def test_the_plateau_schedule_judges_only_epochs_begun_after_the_warmup(warmup, first_judged):
+    cfg = replace(PAPER, warmup_epochs=warmup)
+    assert [plateau_judges(cfg, e) for e in range(4)] == [e >= first_judged for e in range(4)]
+    steps = 10  # and every step of a judged epoch runs at the full lr
+    assert all(warmup_scale(cfg, first_judged, s, steps) is None for s in range(steps))
+    if first_judged:  # while the epoch before it had at least one warm-up step
+        assert any(warmup_scale(cfg, first_judged - 1, s, steps) is not None for s in range(steps))
 
 
 def test_allowed_changes_reach_the_optimizer_and_schedule():
