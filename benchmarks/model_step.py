@@ -1,5 +1,7 @@
 """Training-step throughput of the two-column AlexNet against the same network written as one
-module with grouped convolutions (same FLOPs, same function), in the same run.
+module with grouped convolutions (same FLOPs, same function), in the same run; and against
+itself with torch's F.local_response_norm in place of trainer.model.paper_lrn (`torch_lrn`:
+the LRN the model had before its gradient was written out).
 
     python -m benchmarks.model_step                       # CPU, both models, prints JSON
     python -m benchmarks.model_step --device cuda         # GPU: bf16 autocast + channels_last
@@ -24,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from trainer.grouped_model import GroupedAlexNet
-from trainer.model import AlexNet, AlexNetConfig
+from trainer.model import AlexNet, AlexNetConfig, PaperLRN
 from trainer.optim import PaperSGD, param_groups
 
 
@@ -53,9 +55,24 @@ def make_step(model: torch.nn.Module, device: torch.device, amp: bool):
     return step
 
 
+class TorchLRN(PaperLRN):
+    """The baseline LRN: torch's own (pad + avg_pool3d + pow, autograd op by op), alpha * n
+    because torch divides alpha by n and the paper does not. The same function."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.local_response_norm(x, self.size, alpha=self.alpha * self.size, beta=self.beta, k=self.k)
+
+
+KINDS = ("columns", "grouped", "torch_lrn")
+
+
 def build(kind: str, device: torch.device, channels_last: bool, compile_: bool) -> torch.nn.Module:
     torch.manual_seed(0)
-    model = AlexNet(AlexNetConfig(), devices=(device, device)) if kind == "columns" else GroupedAlexNet().to(device)
+    model = GroupedAlexNet().to(device) if kind == "grouped" else AlexNet(AlexNetConfig(), devices=(device, device))
+    if kind == "torch_lrn":
+        for m in model.modules():
+            if isinstance(m, PaperLRN):
+                m.__class__ = TorchLRN
     model.train()
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -88,8 +105,9 @@ def measure(kinds: list[str], device: torch.device, batch: int, steps: int, roun
                   "backward_update_ms": round(statistics.median(b for _, b in per_round[k]) * 1e3, 2)}
     if device.type == "cuda":
         out["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
-    if len(kinds) == 2:
-        out["columns_over_grouped"] = round(out["columns"]["img_per_s"] / out["grouped"]["img_per_s"], 3)
+    for other in ("grouped", "torch_lrn"):
+        if "columns" in out and other in out:
+            out[f"columns_over_{other}"] = round(out["columns"]["img_per_s"] / out[other]["img_per_s"], 3)
     return out
 
 
@@ -101,10 +119,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=None, help="steps per round (default 2 cpu, 20 cuda)")
     p.add_argument("--rounds", type=int, default=None, help="alternating rounds (default 5)")
     p.add_argument("--warmup", type=int, default=None)
-    p.add_argument("--compile", action="store_true", help="torch.compile both models")
+    p.add_argument("--compile", action="store_true", help="torch.compile every model")
     p.add_argument("--no-amp", action="store_true", help="cuda: fp32 instead of bf16 autocast")
     p.add_argument("--no-channels-last", action="store_true")
-    p.add_argument("--only", choices=["columns", "grouped"], default=None, help="measure one model only")
+    p.add_argument("--only", choices=KINDS, nargs="+", default=None, help="measure these models only")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     a = p.parse_args(argv)
     device = torch.device(a.device)
@@ -118,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     warmup = a.warmup if a.warmup is not None else (5 if cuda else 1)
     amp = cuda and not a.no_amp
     channels_last = cuda and not a.no_channels_last
-    kinds = [a.only] if a.only else ["columns", "grouped"]
+    kinds = a.only or list(KINDS)
     result = {
         "benchmark": "model_step",
         "device": torch.cuda.get_device_name(device) if cuda else f"cpu ({platform.machine()}, "

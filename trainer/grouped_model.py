@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.model import AlexNet, AlexNetConfig
+from trainer.model import AlexNet, AlexNetConfig, paper_lrn
 
 
 class GroupedAlexNet(nn.Module):
@@ -36,8 +36,7 @@ class GroupedAlexNet(nn.Module):
             return x
         n, c, h, w = x.shape
         c_ = self.cfg
-        y = F.local_response_norm(x.reshape(n * 2, c // 2, h, w), c_.lrn_size, alpha=c_.lrn_alpha * c_.lrn_size,
-                                  beta=c_.lrn_beta, k=c_.lrn_k)
+        y = paper_lrn(x.reshape(n * 2, c // 2, h, w), c_.lrn_size, c_.lrn_alpha, c_.lrn_beta, c_.lrn_k)
         return y.reshape(n, c, h, w)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

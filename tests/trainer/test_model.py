@@ -83,6 +83,26 @@ def test_lrn_matches_the_papers_formula_not_torchs_default():
     assert not torch.allclose(torch_default, paper_lrn_direct(a), rtol=1e-3)
 
 
+@pytest.mark.parametrize("channels", [1, 3, 48])
+def test_lrn_gradient_is_the_formulas(channels):
+    """PaperLRN's hand-written backward against autograd through the literal formula (and
+    torch's numerical gradcheck); the window is clipped at both ends, even when it is wider
+    than the maps."""
+    a = (torch.rand(2, channels, 5, 4, dtype=torch.float64) * 300).requires_grad_()
+    lrn = PaperLRN(5, 1e-4, 0.75, 2.0)
+    g = torch.randn(2, channels, 5, 4, dtype=torch.float64)
+    ours, = torch.autograd.grad(lrn(a), a, g)
+    literal, = torch.autograd.grad(paper_lrn_direct(a), a, g)
+    assert torch.allclose(ours, literal, rtol=1e-10, atol=1e-14)
+    assert torch.autograd.gradcheck(lrn, (a[:1, :, :2, :2].detach().clone().requires_grad_(),))
+
+
+def test_lrn_takes_channels_last_maps_as_the_gpu_path_sends_them():
+    a = torch.rand(2, 48, 7, 7) * 300
+    lrn = PaperLRN(5, 1e-4, 0.75, 2.0)
+    assert torch.allclose(lrn(a.to(memory_format=torch.channels_last)), lrn(a), rtol=1e-6, atol=0)
+
+
 LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8")
 BIAS_ONE = ("conv2", "conv4", "conv5", "fc6", "fc7")
 
