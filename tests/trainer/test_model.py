@@ -97,6 +97,15 @@ def test_lrn_gradient_is_the_formulas(channels):
     assert torch.autograd.gradcheck(lrn, (a[:1, :, :2, :2].detach().clone().requires_grad_(),))
 
 
+def test_lrn_gradient_survives_torch_compile():
+    lrn = PaperLRN(5, 1e-4, 0.75, 2.0)
+    a = (torch.randn(2, 8, 6, 6) * 100).requires_grad_()
+    g = torch.randn(2, 8, 6, 6)
+    compiled, = torch.autograd.grad(torch.compile(lambda x: lrn(torch.relu(x)))(a), a, g)
+    eager, = torch.autograd.grad(lrn(torch.relu(a)), a, g)
+    assert torch.allclose(compiled, eager, rtol=1e-5, atol=1e-7)
+
+
 def test_lrn_takes_channels_last_maps_as_the_gpu_path_sends_them():
     a = torch.rand(2, 48, 7, 7) * 300
     lrn = PaperLRN(5, 1e-4, 0.75, 2.0)
