@@ -3,14 +3,14 @@ module with grouped convolutions (same FLOPs, same function), in the same run; a
 itself with torch's F.local_response_norm in place of trainer.model.paper_lrn (`torch_lrn`:
 the LRN the model had before its gradient was written out).
 
-    python -m benchmarks.model_step                       # CPU, both models, prints JSON
+    python -m benchmarks.model_step                       # CPU, all three models, prints JSON
     python -m benchmarks.model_step --device cuda         # GPU: bf16 autocast + channels_last
     python -m benchmarks.model_step --device cuda --compile --batch-sizes 128 256 512
 
 A step is forward + cross-entropy + backward + the trainer's update (trainer.optim.PaperSGD:
 the paper's rule, momentum 0.9, wd 5e-4 on weights) on a fixed
 synthetic batch (no data loading: this measures the model). The two models are measured in
-alternating rounds so that drift in the machine's speed hits both alike; the figure is the
+alternating rounds so that drift in the machine's speed hits all alike; the figure is the
 median round. Target on CPU: columns/grouped >= 0.95 (the column split costs almost nothing).
 """
 
@@ -91,20 +91,23 @@ def measure(kinds: list[str], device: torch.device, batch: int, steps: int, roun
         for _ in range(warmup):
             steps_fn[k](x, y)
     per_round: dict[str, list[tuple[float, float]]] = {k: [] for k in kinds}
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    peak = dict.fromkeys(kinds, 0)
     for _ in range(rounds):
-        for k in kinds:  # alternate, so machine drift hits both models alike
+        for k in kinds:  # alternate, so machine drift hits every model alike
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
             times = [steps_fn[k](x, y) for _ in range(steps)]
             per_round[k].append((sum(t[0] for t in times) / steps, sum(t[1] for t in times) / steps))
+            if device.type == "cuda":
+                peak[k] = max(peak[k], torch.cuda.max_memory_allocated(device))
     out = {}
     for k in kinds:
         total = statistics.median(f + b for f, b in per_round[k])
         out[k] = {"img_per_s": round(batch / total, 1),
                   "forward_ms": round(statistics.median(f for f, _ in per_round[k]) * 1e3, 2),
                   "backward_update_ms": round(statistics.median(b for _, b in per_round[k]) * 1e3, 2)}
-    if device.type == "cuda":
-        out["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+        if device.type == "cuda":  # during this model's steps (the other models' weights stay resident)
+            out[k]["peak_memory_gib"] = round(peak[k] / 2**30, 2)
     for other in ("grouped", "torch_lrn"):
         if "columns" in out and other in out:
             out[f"columns_over_{other}"] = round(out["columns"]["img_per_s"] / out[other]["img_per_s"], 3)

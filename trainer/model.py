@@ -127,24 +127,29 @@ class _PaperLRNFunction(torch.autograd.Function):
         dL/da = g * d^-beta - 2 * alpha * beta * a * W(g * b / d)
 
     torch's local_response_norm (pad + avg_pool3d + pow, differentiated op by op) cost as
-    much as the conv layers on CPU: 3.3x slower in a forward+backward of conv1's maps."""
+    much as the conv layers on CPU: 3.3x slower in a forward+backward of conv1's maps.
+    Lower-precision maps (bf16 autocast) are normalised in float32, and the output is float32,
+    as torch's LRN gave under CUDA autocast (its pow runs in float32 there)."""
 
     @staticmethod
     def forward(ctx, a: torch.Tensor, size: int, alpha: float, beta: float, k: float) -> torch.Tensor:
-        d = channel_window_sum(a * a, size).mul_(alpha).add_(k)
+        wide = a.to(torch.promote_types(a.dtype, torch.float32))  # bf16/fp16 maps: the sums in fp32
+        d = channel_window_sum(wide * wide, size).mul_(alpha).add_(k)
         scale = d.pow(-beta)
         ctx.save_for_backward(a, d, scale)
         ctx.constants = (size, alpha, beta)
-        return a * scale
+        return wide * scale
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g: torch.Tensor):
         a, d, scale = ctx.saved_tensors
         size, alpha, beta = ctx.constants
-        g_scaled = g * scale
-        w = channel_window_sum(g_scaled * a / d, size)  # g * b / d
-        return g_scaled.sub_(w.mul_(a).mul_(2 * alpha * beta)), None, None, None, None
+        wide = a.to(d.dtype)
+        g_scaled = g.to(d.dtype) * scale
+        w = channel_window_sum(g_scaled * wide / d, size)  # g * b / d
+        grad = g_scaled.sub_(w.mul_(wide).mul_(2 * alpha * beta))
+        return grad.to(a.dtype), None, None, None, None
 
 
 def paper_lrn(a: torch.Tensor, size: int, alpha: float, beta: float, k: float) -> torch.Tensor:
@@ -162,6 +167,8 @@ class PaperLRN(nn.Module):
 
     def __init__(self, size: int, alpha: float, beta: float, k: float):
         super().__init__()
+        if size < 1 or size % 2 == 0:
+            raise ValueError(f"LRN size n must be odd (the window i-n/2..i+n/2 spans n maps only then), got {size}")
         self.size, self.alpha, self.beta, self.k = size, alpha, beta, k
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

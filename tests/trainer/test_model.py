@@ -83,18 +83,44 @@ def test_lrn_matches_the_papers_formula_not_torchs_default():
     assert not torch.allclose(torch_default, paper_lrn_direct(a), rtol=1e-3)
 
 
+@pytest.mark.parametrize("n", [1, 3, 5, 7])
 @pytest.mark.parametrize("channels", [1, 3, 48])
-def test_lrn_gradient_is_the_formulas(channels):
-    """PaperLRN's hand-written backward against autograd through the literal formula (and
-    torch's numerical gradcheck); the window is clipped at both ends, even when it is wider
-    than the maps."""
-    a = (torch.rand(2, channels, 5, 4, dtype=torch.float64) * 300).requires_grad_()
-    lrn = PaperLRN(5, 1e-4, 0.75, 2.0)
+def test_lrn_values_and_gradient_are_the_formulas(channels, n):
+    """PaperLRN and its hand-written backward against the literal formula (autograd through
+    it) and torch's numerical gradcheck; signed maps (the formula does not need a ReLU before
+    it); the window clipped at both ends, even when it is wider than the maps."""
+    a = (torch.randn(2, channels, 5, 4, dtype=torch.float64) * 300).requires_grad_()
+    lrn = PaperLRN(n, 1e-4, 0.75, 2.0)
     g = torch.randn(2, channels, 5, 4, dtype=torch.float64)
-    ours, = torch.autograd.grad(lrn(a), a, g)
-    literal, = torch.autograd.grad(paper_lrn_direct(a), a, g)
-    assert torch.allclose(ours, literal, rtol=1e-10, atol=1e-14)
+    ours = lrn(a)
+    literal = paper_lrn_direct(a, n=n)
+    assert ours.dtype == torch.float64 and torch.allclose(ours, literal, rtol=1e-10, atol=1e-12)
+    grad, = torch.autograd.grad(ours, a, g)
+    literal_grad, = torch.autograd.grad(literal, a, g)
+    assert torch.allclose(grad, literal_grad, rtol=1e-10, atol=1e-14)
     assert torch.autograd.gradcheck(lrn, (a[:1, :, :2, :2].detach().clone().requires_grad_(),))
+
+
+@pytest.mark.parametrize("n", [0, 2, 4])
+def test_lrn_refuses_an_even_window(n):
+    with pytest.raises(ValueError, match="odd"):
+        PaperLRN(n, 1e-4, 0.75, 2.0)
+
+
+def test_lrn_of_bf16_maps_is_computed_in_float32():
+    """Under bf16 autocast the maps arrive in bf16; the sums, the power and the gradient are
+    float32 (as torch's LRN was under CUDA autocast), the gradient comes back in bf16."""
+    a = (torch.randn(2, 48, 6, 6) * 300).to(torch.bfloat16).requires_grad_()
+    g = torch.randn(2, 48, 6, 6)
+    out = PaperLRN(5, 1e-4, 0.75, 2.0)(a)
+    exact = paper_lrn_direct(a.detach().double())
+    assert out.dtype == torch.float32
+    assert torch.allclose(out.double(), exact, rtol=1e-6, atol=1e-6)
+    grad, = torch.autograd.grad(out, a, g)
+    a64 = a.detach().double().requires_grad_()
+    exact_grad, = torch.autograd.grad(paper_lrn_direct(a64), a64, g.double())
+    assert grad.dtype == torch.bfloat16
+    assert torch.allclose(grad.double(), exact_grad, rtol=1e-2, atol=1e-3)
 
 
 def test_lrn_gradient_survives_torch_compile():
@@ -107,9 +133,16 @@ def test_lrn_gradient_survives_torch_compile():
 
 
 def test_lrn_takes_channels_last_maps_as_the_gpu_path_sends_them():
-    a = torch.rand(2, 48, 7, 7) * 300
+    a = torch.randn(2, 48, 7, 7) * 300
+    g = torch.randn(2, 48, 7, 7)
     lrn = PaperLRN(5, 1e-4, 0.75, 2.0)
-    assert torch.allclose(lrn(a.to(memory_format=torch.channels_last)), lrn(a), rtol=1e-6, atol=0)
+    results = []
+    for x in (a, a.to(memory_format=torch.channels_last)):
+        x = x.detach().requires_grad_()
+        out = lrn(x)
+        results.append((out, *torch.autograd.grad(out, x, g)))
+    (out, grad), (out_cl, grad_cl) = results
+    assert torch.allclose(out_cl, out, rtol=1e-6, atol=0) and torch.allclose(grad_cl, grad, rtol=1e-5, atol=1e-9)
 
 
 LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8")
