@@ -127,7 +127,8 @@ class _PaperLRNFunction(torch.autograd.Function):
         dL/da = g * d^-beta - 2 * alpha * beta * a * W(g * b / d)
 
     torch's local_response_norm (pad + avg_pool3d + pow, differentiated op by op) cost as
-    much as the conv layers on CPU: 3.3x slower in a forward+backward of conv1's maps.
+    much as the conv layers on CPU: a training step took 1.33-1.40x as long with it
+    (benchmarks/model_step.py, its `torch_lrn` baseline).
     Lower-precision maps (bf16 autocast) are normalised in float32, and the output is float32,
     as torch's LRN gave under CUDA autocast (its pow runs in float32 there)."""
 
