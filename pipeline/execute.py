@@ -23,8 +23,13 @@ def run_local(specs: list[ShardSpec], workers: int) -> Iterator[dict]:
     # spawn: no inherited locks or threads from the parent, the same on every platform.
     with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = [pool.submit(write_shard, s) for s in specs]
-        for fut in as_completed(futures):
-            yield fut.result()
+        try:
+            for fut in as_completed(futures):
+                yield fut.result()
+        except BaseException:  # a full disk, say: the shards not started yet would fail the same way
+            for fut in futures:
+                fut.cancel()
+            raise
 
 
 def run_ray(specs: list[ShardSpec], address: str) -> Iterator[dict]:
@@ -39,8 +44,7 @@ def run_ray(specs: list[ShardSpec], address: str) -> Iterator[dict]:
     started_here = not ray.is_initialized()
     if started_here:
         # py_modules ships this package to the cluster, so its nodes need only the dependencies.
-        ray.init(address=address, runtime_env={"py_modules": [os.path.dirname(pipeline.__file__)]},
-                 log_to_driver=False)
+        ray.init(address=address, runtime_env={"py_modules": [os.path.dirname(pipeline.__file__)]}, log_to_driver=False)
     try:
         remote = ray.remote(num_cpus=1, max_retries=3)(write_shard)
         pending = [remote.remote(s) for s in specs]

@@ -73,7 +73,7 @@ def _find(src: Path, name: str, max_depth: int = 4) -> Path | None:
     skipping the image folders themselves (which hold a million files)."""
     level = [src]
     for _ in range(max_depth + 1):
-        nxt = []
+        nxt: list[Path] = []
         for folder in level:
             candidate = folder / name
             if candidate.is_file():
@@ -195,7 +195,9 @@ def detect(src: Path | str) -> SourceSet:
             raise LayoutError(f"the {split} split in {image_root / split} holds no labelled files")
 
     mapping = _find(src, KAGGLE_SYNSET_MAPPING)
-    names, names_source = (read_synset_mapping(mapping), KAGGLE_SYNSET_MAPPING) if mapping else (bundled_names(), "bundled")
+    names, names_source = (
+        (read_synset_mapping(mapping), KAGGLE_SYNSET_MAPPING) if mapping else (bundled_names(), "bundled")
+    )
     # Classes are the class folders (as torchvision's ImageFolder: an empty folder still
     # holds its index, so one missing class cannot shift every other label) plus any wnid
     # seen only in val labels; sorted -> index.
@@ -203,5 +205,11 @@ def detect(src: Path | str) -> SourceSet:
     for split in ("train", "val"):
         if layouts.get(split) == "folders":
             wnids.update(_visible_dirs(image_root / split))
-    return SourceSet(root=src, layouts=layouts, files=files, unlabelled=unlabelled,
-                     classes=build_classes(wnids, names), names_source=names_source)
+    return SourceSet(
+        root=src,
+        layouts=layouts,
+        files=files,
+        unlabelled=unlabelled,
+        classes=build_classes(wnids, names),
+        names_source=names_source,
+    )

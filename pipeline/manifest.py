@@ -10,12 +10,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from pipeline.atomic import write_atomic
 from pipeline.layouts import SourceSet
 from pipeline.plan import ShardConfig
 from pipeline.preprocess import PREPROCESS_VERSION
 from pipeline.shardset import FORMAT, FORMAT_VERSION, MANIFEST, STATS, index_path_for
 from pipeline.stats import PixelMoments, rgb_stats
-from pipeline.writer import ShardSpec, write_atomic
+from pipeline.writer import ShardSpec
 
 
 def find_complete(out: Path, fingerprint: str) -> dict | None:
@@ -34,21 +35,43 @@ def find_complete(out: Path, fingerprint: str) -> dict | None:
     return manifest
 
 
-def build_manifest(source: SourceSet, config: ShardConfig, specs: list[ShardSpec], records: dict[str, dict],
-                   per_shard: int, fingerprint: str) -> dict:
+def build_manifest(
+    source: SourceSet,
+    config: ShardConfig,
+    specs: list[ShardSpec],
+    records: dict[str, dict],
+    per_shard: int,
+    fingerprint: str,
+) -> dict:
     splits = {}
     for split in source.files:
         shards, skipped = [], [{"path": u.relpath, "reason": u.reason} for u in source.unlabelled.get(split, [])]
+        notes = []
         for spec in (s for s in specs if s.split == split):
             rec = records[spec.name]
             skipped.extend(rec["skipped"])
+            notes.extend(rec["notes"])
             if rec["num_samples"]:
                 tar = spec.tar_path.relative_to(config.out).as_posix()
-                shards.append({"tar": tar, "idx": index_path_for(Path(tar)).as_posix(),
-                               "num_samples": rec["num_samples"], "bytes": rec["bytes"], "sha256": rec["sha256"]})
-        splits[split] = {"layout": source.layouts[split], "num_samples": sum(s["num_samples"] for s in shards),
-                         "num_shards": len(shards), "num_skipped": len(skipped),
-                         "shards": shards, "skipped": sorted(skipped, key=lambda d: d["path"])}
+                shards.append(
+                    {
+                        "tar": tar,
+                        "idx": index_path_for(Path(tar)).as_posix(),
+                        "num_samples": rec["num_samples"],
+                        "bytes": rec["bytes"],
+                        "sha256": rec["sha256"],
+                    }
+                )
+        splits[split] = {
+            "layout": source.layouts[split],
+            "num_samples": sum(s["num_samples"] for s in shards),
+            "num_shards": len(shards),
+            "num_skipped": len(skipped),
+            "shards": shards,
+            "skipped": sorted(skipped, key=lambda d: d["path"]),
+            "num_noted": len(notes),
+            "notes": sorted(notes, key=lambda d: d["path"]),
+        }
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -72,8 +95,8 @@ def write_stats(out: Path, specs: list[ShardSpec], records: dict[str, dict]) -> 
     for spec in specs:
         if spec.split == "train":
             moments.merge(PixelMoments.from_json(records[spec.name]["moments"]))
-    write_atomic(out / STATS, (json.dumps(rgb_stats(moments), indent=2) + "\n").encode())
+    write_atomic(out / STATS, json.dumps(rgb_stats(moments), indent=2) + "\n")
 
 
 def write_manifest(out: Path, manifest: dict) -> None:
-    write_atomic(out / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+    write_atomic(out / MANIFEST, json.dumps(manifest, indent=2) + "\n")

@@ -15,8 +15,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from pipeline.layouts import SourceSet
-from pipeline.preprocess import (DEFAULT_JPEG_QUALITY, DEFAULT_MAX_PIXELS, OUTPUT_SIZE, ImageError, encode_jpeg,
-                                 prepare_image)
+from pipeline.preprocess import (
+    DEFAULT_JPEG_QUALITY,
+    DEFAULT_MAX_PIXELS,
+    OUTPUT_SIZE,
+    ImageError,
+    encode_jpeg,
+    prepare_image,
+)
 from pipeline.shardset import SPLITS
 from pipeline.wds import unique_keys
 from pipeline.writer import Sample, ShardSpec
@@ -67,10 +73,17 @@ def _plan_split(source: SourceSet, split: str, config: ShardConfig, samples_per_
         # is stable across versions: same seed, same order, same bytes.
         random.Random(config.seed).shuffle(samples)
     return [
-        ShardSpec(split=split, index=i, samples=tuple(samples[start:start + samples_per_shard]),
-                  src_root=str(source.root), out_dir=str(config.out), image_size=config.image_size,
-                  jpeg_quality=config.jpeg_quality, max_pixels=config.max_pixels,
-                  with_stats=(split == "train"))
+        ShardSpec(
+            split=split,
+            index=i,
+            samples=tuple(samples[start : start + samples_per_shard]),
+            src_root=str(source.root),
+            out_dir=str(config.out),
+            image_size=config.image_size,
+            jpeg_quality=config.jpeg_quality,
+            max_pixels=config.max_pixels,
+            with_stats=(split == "train"),
+        )
         for i, start in enumerate(range(0, len(samples), samples_per_shard))
     ]
 
@@ -78,6 +91,7 @@ def _plan_split(source: SourceSet, split: str, config: ShardConfig, samples_per_
 def _samples_per_shard_for_bytes(source: SourceSet, config: ShardConfig) -> int:
     """--shard-mb: estimate bytes per sample from the first PILOT_SAMPLES files (a fixed,
     deterministic choice, so the plan, and so the bytes, are reproducible)."""
+    assert config.shard_mb is not None
     split = "train" if "train" in source.files else next(iter(source.files))
     sizes = []
     for f in source.files[split][:PILOT_SAMPLES]:
@@ -98,8 +112,9 @@ def plan(source: SourceSet, config: ShardConfig) -> tuple[list[ShardSpec], int]:
     per_shard = config.samples_per_shard
     if config.shard_mb is not None:
         per_shard = _samples_per_shard_for_bytes(source, config)
-    specs = [spec for split in SPLITS if split in source.files
-             for spec in _plan_split(source, split, config, per_shard)]
+    specs = [
+        spec for split in SPLITS if split in source.files for spec in _plan_split(source, split, config, per_shard)
+    ]
     return specs, per_shard
 
 

@@ -9,7 +9,8 @@ Steps, and where each lives:
   and the decompression-bomb check before any pixel is allocated. `read_header` reports the
   same facts (and the frame count and decode memory) for callers that budget work.
 - pipeline.decode decodes strictly (the whole image or ImageError: its docstring has the
-  policy per format). Plain JPEGs (nearly all of ImageNet) go through libjpeg-turbo at the
+  policy per format, among them the one JPEG policy: stray bytes that hold no image data
+  are ignored and noted, anything that loses image data rejects the file). Plain JPEGs (nearly all of ImageNet) go through libjpeg-turbo at the
   smallest power-of-two DCT scale that keeps the shorter side >= 256, so a 2000x1500 photo is
   decoded as 500x375, never as 3 MP; the DCT scaling is itself an anti-aliased reduction.
   Everything else goes through Pillow, and every mode ends as 8-bit RGB (16-bit and float
@@ -42,7 +43,9 @@ DEFAULT_JPEG_QUALITY = 90
 DEFAULT_MAX_PIXELS = 89_478_485
 # Bumped whenever the pixels prepare_image returns for the same bytes change; it is part of
 # every shard's fingerprint, so a rerun over an older shard set rewrites its shards.
-PREPROCESS_VERSION = 2  # 2: strict decoding, anti-aliased resampling
+# 3: JPEGs with junk between segments, after a scan or after the end marker are kept (they
+# were skipped); the pixels of every image version 2 kept are unchanged.
+PREPROCESS_VERSION = 3  # 2: strict decoding, anti-aliased resampling
 
 
 class ImageError(ValueError):
@@ -61,6 +64,9 @@ class PreparedImage:
     pixels: np.ndarray  # uint8, (256, 256, 3), RGB
     source_format: str  # JPEG, PNG, ... as Pillow identified the content
     source_size: tuple[int, int]  # (width, height) before EXIF rotation
+    # Harmless oddities ignored on the way (stray bytes between JPEG segments or after its
+    # end marker: pipeline.decode's policy); the sharder records them in the manifest.
+    notes: tuple[str, ...] = ()
 
 
 def open_image(
@@ -137,9 +143,16 @@ def header_of(img: Image.Image, size: int = OUTPUT_SIZE) -> ImageHeader:
         decode_bytes = -(-width // k) * -(-height // k) * (4 if img.mode == "CMYK" else 3)
     else:
         decode_bytes = width * height * _PILLOW_PIXEL_BYTES.get(img.mode, 4)
-    return ImageHeader(format=fmt, width=width, height=height, mode=img.mode, bits=_MODE_BITS.get(img.mode, 8),
-                       frames=int(getattr(img, "n_frames", 1)), transparency="transparency" in img.info,
-                       decode_bytes=decode_bytes)
+    return ImageHeader(
+        format=fmt,
+        width=width,
+        height=height,
+        mode=img.mode,
+        bits=_MODE_BITS.get(img.mode, 8),
+        frames=int(getattr(img, "n_frames", 1)),
+        transparency="transparency" in img.info,
+        decode_bytes=decode_bytes,
+    )
 
 
 def read_header(data: bytes, *, size: int = OUTPUT_SIZE, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageHeader:
@@ -152,8 +165,12 @@ def read_header(data: bytes, *, size: int = OUTPUT_SIZE, max_pixels: int = DEFAU
 
 # EXIF Orientation tag -> the Pillow transpose that shows the image upright (as exif_transpose).
 _ORIENTATION = {
-    2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
-    5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
     8: Image.Transpose.ROTATE_90,
 }
 EXIF_ORIENTATION_TAG = 0x0112
@@ -183,15 +200,17 @@ def prepare_image(
 
     EXIF orientation applied; converted to RGB from any mode; shorter side scaled to
     `size` and the central square kept. Raises ImageError for anything unusable
-    (empty, not an image, truncated, corrupt, too many pixels, refused format).
+    (empty, not an image, truncated, corrupt, too many pixels, refused format); a JPEG with
+    stray bytes that hold no image data is kept, and `notes` says what was ignored.
     """
-    img = open_image(data, max_pixels=max_pixels, allowed_formats=allowed_formats,
-                     allow_animated=allow_animated)
+    img = open_image(data, max_pixels=max_pixels, allowed_formats=allowed_formats, allow_animated=allow_animated)
     fmt = img.format or "unknown"
     source_size = img.size
+    notes: tuple[str, ...] = ()
     try:
         if fmt in JPEG_FORMATS:
-            pixels = resize_square(decode_jpeg(data, img, size), size)
+            square, notes = decode_jpeg(data, img, size)
+            pixels = resize_square(square, size)
         else:
             pixels = pillow_square(data, img, size)
     except DecodeError as exc:
@@ -206,11 +225,12 @@ def prepare_image(
         pixels = np.asarray(Image.fromarray(pixels).transpose(_ORIENTATION[orientation]))
     if pixels.shape != (size, size, 3) or pixels.dtype != np.uint8:  # never let a bad array into a shard
         raise ImageError(f"unexpected decoded array {pixels.dtype} {pixels.shape}")
-    return PreparedImage(pixels=pixels, source_format=fmt, source_size=source_size)
+    return PreparedImage(pixels=pixels, source_format=fmt, source_size=source_size, notes=notes)
 
 
 def encode_jpeg(pixels: np.ndarray, quality: int = DEFAULT_JPEG_QUALITY) -> bytes:
     """Re-encode the prepared pixels. Baseline JPEG with 4:2:0 chroma, no metadata, so
     the same pixels always give the same bytes (the shard set is byte-reproducible)."""
-    return simplejpeg.encode_jpeg(np.ascontiguousarray(pixels), quality=quality, colorspace="RGB",
-                                  colorsubsampling="420")
+    return simplejpeg.encode_jpeg(
+        np.ascontiguousarray(pixels), quality=quality, colorspace="RGB", colorsubsampling="420"
+    )

@@ -65,7 +65,8 @@ def resize_square(square: np.ndarray, size: int) -> np.ndarray:
     if square.shape[0] == size:
         return np.ascontiguousarray(square)
     packed_rows = square.strides[-1] == square.itemsize and (
-        square.ndim == 2 or square.strides[1] == square.itemsize * square.shape[2])
+        square.ndim == 2 or square.strides[1] == square.itemsize * square.shape[2]
+    )
     if not packed_rows:  # OpenCV takes row-strided views (a crop), not other layouts
         square = np.ascontiguousarray(square)
     return cv2.resize(antialias(square, size), (size, size), interpolation=cv2.INTER_CUBIC)

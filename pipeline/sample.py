@@ -26,13 +26,22 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from pipeline.atomic import exits_cleanly_when_full
+from pipeline.cli import setup_logging
+
 log = logging.getLogger("pipeline.sample")
 
 # Imagenette's ten classes: real ILSVRC-2012 wnids, easy to tell apart by name.
 CLASSES = (
-    ("n01440764", "circle"), ("n02102040", "square"), ("n02979186", "triangle"),
-    ("n03000684", "cross"), ("n03028079", "ring"), ("n03394916", "hstripes"),
-    ("n03417042", "vstripes"), ("n03425413", "diamond"), ("n03445777", "checker"),
+    ("n01440764", "circle"),
+    ("n02102040", "square"),
+    ("n02979186", "triangle"),
+    ("n03000684", "cross"),
+    ("n03028079", "ring"),
+    ("n03394916", "hstripes"),
+    ("n03417042", "vstripes"),
+    ("n03425413", "diamond"),
+    ("n03445777", "checker"),
     ("n03888257", "bar"),
 )
 VAL_LAYOUTS = ("folders", "kaggle", "devkit")
@@ -68,18 +77,22 @@ def draw_image(class_index: int, rng: np.random.RandomState) -> Image.Image:
     # Background: smooth random colour field plus noise (cheap "texture").
     base = rng.randint(40, 200, size=3)
     coarse = rng.randint(-50, 50, size=(4, 4, 3))
-    field = np.asarray(Image.fromarray(np.clip(base + coarse, 0, 255).astype(np.uint8)).resize((w, h), Image.BILINEAR))
+    field = np.asarray(
+        Image.fromarray(np.clip(base + coarse, 0, 255).astype(np.uint8)).resize((w, h), Image.Resampling.BILINEAR)
+    )
     noise = rng.randint(-18, 18, size=(h, w, 1))
     img = Image.fromarray(np.clip(field.astype(np.int16) + noise, 0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(img)
     # A few distractor blobs in random colours.
     for _ in range(int(rng.randint(1, 4))):
-        r = int(rng.uniform(0.05, 0.12) * min(w, h))
+        br = int(rng.uniform(0.05, 0.12) * min(w, h))
         x, y = int(rng.uniform(0, w)), int(rng.uniform(0, h))
-        draw.ellipse((x - r, y - r, x + r, y + r), fill=tuple(int(c) for c in rng.randint(0, 255, size=3)))
+        draw.ellipse((x - br, y - br, x + br, y + br), fill=tuple(int(c) for c in rng.randint(0, 255, size=3)))
 
     kind = CLASSES[class_index][1]
-    colour = _hsv_to_rgb(_class_hue(class_index) + rng.uniform(-0.03, 0.03), rng.uniform(0.7, 1.0), rng.uniform(0.75, 1.0))
+    colour = _hsv_to_rgb(
+        _class_hue(class_index) + rng.uniform(-0.03, 0.03), rng.uniform(0.7, 1.0), rng.uniform(0.75, 1.0)
+    )
     s = min(w, h)
     r = rng.uniform(0.22, 0.34) * s
     cx, cy = w / 2 + rng.uniform(-0.12, 0.12) * s, h / 2 + rng.uniform(-0.12, 0.12) * s
@@ -163,8 +176,11 @@ def _encode_odd(img: Image.Image, oddity: str) -> bytes:
 
 ODD_KINDS = ("grey", "png-named-jpeg", "cmyk", "rgba-png", "palette", "grey16", "exif-rotated")
 # Broken files: each must be skipped and reported by the sharder, never stop it.
-BROKEN = {"truncated": lambda good: good[: len(good) // 3], "empty": lambda good: b"",
-          "not-an-image": lambda good: b"This is a text file that happens to be named .JPEG\n"}
+BROKEN = {
+    "truncated": lambda good: good[: len(good) // 3],
+    "empty": lambda good: b"",
+    "not-an-image": lambda good: b"This is a text file that happens to be named .JPEG\n",
+}
 
 
 def _write(path: Path, data: bytes) -> None:
@@ -235,9 +251,16 @@ def generate(config: SampleConfig) -> dict:
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
-    log.info("sample data at %s: %d train + %d val images in %d classes (%d odd kinds, %d broken on purpose); "
-             "val layout %s", out, counts["train"], counts["val"], len(CLASSES), counts["odd"], counts["broken"],
-             config.val_layout)
+    log.info(
+        "sample data at %s: %d train + %d val images in %d classes (%d odd kinds, %d broken on purpose); val layout %s",
+        out,
+        counts["train"],
+        counts["val"],
+        len(CLASSES),
+        counts["odd"],
+        counts["broken"],
+        config.val_layout,
+    )
     return doc
 
 
@@ -265,40 +288,69 @@ def _write_devkit(root: Path, val_labels: list[tuple[str, str]]) -> None:
     ids = devkit_ids()
     data = root / "ILSVRC2012_devkit_t12" / "data"
     _write(data / "ILSVRC2012_validation_ground_truth.txt", "".join(f"{ids[w]}\n" for _, w in val_labels).encode())
-    fields = ["ILSVRC2012_ID", "WNID", "words", "gloss", "num_children", "children", "wordnet_height",
-              "num_train_images"]
+    fields = [
+        "ILSVRC2012_ID",
+        "WNID",
+        "words",
+        "gloss",
+        "num_children",
+        "children",
+        "wordnet_height",
+        "num_train_images",
+    ]
     leaves = [(ids[w], w, 0) for w, _ in CLASSES]
     inner = [(len(CLASSES) + 1, "n00001740", 2), (len(CLASSES) + 2, "n00002684", 3)]  # entity, object
     entries = sorted(leaves, key=lambda e: e[0]) + inner
     synsets = np.zeros((len(entries), 1), dtype=[(f, "O") for f in fields])
     for row, (ilsvrc_id, wnid, children) in enumerate(entries):
-        synsets[row, 0] = (np.array([[ilsvrc_id]], dtype=np.uint16), np.array([wnid]), np.array([wnid]),
-                           np.array([""]), np.array([[children]], dtype=np.uint8),
-                           np.zeros((1, children), dtype=np.uint16), np.array([[0]], dtype=np.uint8),
-                           np.array([[1300 if children == 0 else 0]], dtype=np.uint16))
+        synsets[row, 0] = (
+            np.array([[ilsvrc_id]], dtype=np.uint16),
+            np.array([wnid]),
+            np.array([wnid]),
+            np.array([""]),
+            np.array([[children]], dtype=np.uint8),
+            np.zeros((1, children), dtype=np.uint16),
+            np.array([[0]], dtype=np.uint8),
+            np.array([[1300 if children == 0 else 0]], dtype=np.uint16),
+        )
     buf = io.BytesIO()
     savemat(buf, {"synsets": synsets})
     _write(data / "meta.mat", buf.getvalue())
 
 
+@exits_cleanly_when_full(log)
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    p = argparse.ArgumentParser(prog="python -m pipeline.sample", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    setup_logging()
+    p = argparse.ArgumentParser(
+        prog="python -m pipeline.sample",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     d = SampleConfig(out=Path("."))
     p.add_argument("--out", type=Path, required=True, help="folder to write the raw sample tree into")
     p.add_argument("--train-per-class", type=int, default=d.train_per_class)
     p.add_argument("--val-per-class", type=int, default=d.val_per_class)
-    p.add_argument("--val-layout", choices=VAL_LAYOUTS, default=d.val_layout,
-                   help="folders: val/<wnid>/*; kaggle: flat val/ + LOC_val_solution.csv; "
-                        "devkit: flat val/ + ILSVRC2012_validation_ground_truth.txt + meta.mat")
+    p.add_argument(
+        "--val-layout",
+        choices=VAL_LAYOUTS,
+        default=d.val_layout,
+        help="folders: val/<wnid>/*; kaggle: flat val/ + LOC_val_solution.csv; "
+        "devkit: flat val/ + ILSVRC2012_validation_ground_truth.txt + meta.mat",
+    )
     p.add_argument("--seed", type=int, default=d.seed)
     a = p.parse_args(argv)
     if a.train_per_class < 2 or a.val_per_class < 1:
         p.error("--train-per-class must be >= 2 and --val-per-class >= 1")
     try:
-        generate(SampleConfig(out=a.out, train_per_class=a.train_per_class, val_per_class=a.val_per_class,
-                              val_layout=a.val_layout, seed=a.seed))
+        generate(
+            SampleConfig(
+                out=a.out,
+                train_per_class=a.train_per_class,
+                val_per_class=a.val_per_class,
+                val_layout=a.val_layout,
+                seed=a.seed,
+            )
+        )
     except (FileExistsError, ValueError) as exc:
         log.error("%s", exc)
         return 2

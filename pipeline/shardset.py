@@ -17,7 +17,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.transforms import Normalization
+from pipeline.transforms import LIGHTING_ALPHA_STD, Lighting, Normalization
 
 MANIFEST = "manifest.json"
 STATS = "stats.json"
@@ -86,9 +86,15 @@ class ShardSet:
         return int(self.manifest["splits"][split]["num_samples"])
 
     def normalization(self, divide_by_std: bool = False) -> Normalization:
+        return Normalization.from_stats(self._stats(), divide_by_std)
+
+    def lighting(self, alpha_std: float = LIGHTING_ALPHA_STD) -> Lighting:
+        return Lighting.from_stats(self._stats(), alpha_std)
+
+    def _stats(self) -> dict:
         if self.stats is None:
             raise ShardSetError(f"{self.root} has no {STATS} (it is written with the train split)")
-        return Normalization.from_stats(self.stats, divide_by_std)
+        return self.stats
 
 
 def open_shard_set(root: Path | str, input_size: int | None = None) -> ShardSet:
@@ -99,17 +105,21 @@ def open_shard_set(root: Path | str, input_size: int | None = None) -> ShardSet:
         raise ShardSetError(f"shard set {root} does not exist (write one with: python -m pipeline.shard)")
     manifest_path = root / MANIFEST
     if not manifest_path.is_file():
-        raise ShardSetError(f"shard set {root} is incomplete: no {MANIFEST} (the sharder writes it last; "
-                            "rerun python -m pipeline.shard with the same arguments to finish it)")
+        raise ShardSetError(
+            f"shard set {root} is incomplete: no {MANIFEST} (the sharder writes it last; "
+            "rerun python -m pipeline.shard with the same arguments to finish it)"
+        )
     try:
         manifest = json.loads(manifest_path.read_text())
     except ValueError as exc:
         raise ShardSetError(f"{manifest_path} is not valid JSON: {exc}") from None
     found = (manifest.get("format"), manifest.get("format_version"))
     if found != (FORMAT, FORMAT_VERSION):
-        raise ShardSetError(f"{manifest_path} is format {found[0]!r} version {found[1]!r}; this code reads "
-                            f"{FORMAT!r} version {FORMAT_VERSION} (rewrite the set with this version's "
-                            "python -m pipeline.shard)")
+        raise ShardSetError(
+            f"{manifest_path} is format {found[0]!r} version {found[1]!r}; this code reads "
+            f"{FORMAT!r} version {FORMAT_VERSION} (rewrite the set with this version's "
+            "python -m pipeline.shard)"
+        )
     for info in manifest["splits"].values():
         for shard in info["shards"]:
             for key in ("tar", "idx"):
@@ -119,6 +129,8 @@ def open_shard_set(root: Path | str, input_size: int | None = None) -> ShardSet:
     stats = json.loads(stats_path.read_text()) if stats_path.is_file() else None
     shard_set = ShardSet(root=root, manifest=manifest, stats=stats)
     if input_size is not None and input_size > shard_set.image_size:
-        raise ShardSetError(f"model input {input_size}x{input_size} does not fit the shard set's "
-                            f"{shard_set.image_size}x{shard_set.image_size} images")
+        raise ShardSetError(
+            f"model input {input_size}x{input_size} does not fit the shard set's "
+            f"{shard_set.image_size}x{shard_set.image_size} images"
+        )
     return shard_set

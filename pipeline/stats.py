@@ -60,7 +60,7 @@ class PixelMoments:
             self.sum_outer = [[a + int(b) for a, b in zip(ra, rb)] for ra, rb in zip(self.sum_outer, g[:3, :3])]
             g[:] = 0
 
-    def merge(self, other: "PixelMoments") -> None:
+    def merge(self, other: PixelMoments) -> None:
         self._flush()
         other._flush()
         self.num_images += other.num_images
@@ -70,13 +70,22 @@ class PixelMoments:
 
     def to_json(self) -> dict:
         self._flush()
-        return {"num_images": self.num_images, "num_pixels": self.num_pixels, "sum": self.sum,
-                "sum_outer": self.sum_outer, "grid": {"step": GRID_STEP, "offset": GRID_OFFSET}}
+        return {
+            "num_images": self.num_images,
+            "num_pixels": self.num_pixels,
+            "sum": self.sum,
+            "sum_outer": self.sum_outer,
+            "grid": {"step": GRID_STEP, "offset": GRID_OFFSET},
+        }
 
     @classmethod
-    def from_json(cls, d: dict) -> "PixelMoments":
-        return cls(num_images=d["num_images"], num_pixels=d["num_pixels"], sum=list(d["sum"]),
-                   sum_outer=[list(r) for r in d["sum_outer"]])
+    def from_json(cls, d: dict) -> PixelMoments:
+        return cls(
+            num_images=d["num_images"],
+            num_pixels=d["num_pixels"],
+            sum=list(d["sum"]),
+            sum_outer=[list(r) for r in d["sum_outer"]],
+        )
 
 
 def rgb_stats(moments: PixelMoments) -> dict:

@@ -1,8 +1,10 @@
 """Contract 3, second half: the evaluation crops and the normalisation numbers.
 
-One definition, used by the DALI pipelines (trainer.data builds its operators from these
-numbers) and by serving (which calls the numpy functions here); a test holds the two
-equal on the same image. Pure numpy: serving needs neither DALI nor a GPU.
+One definition, used by the DALI pipelines (trainer.dali_loader builds its operators from
+these numbers), the webdataset back-end and serving (which call the numpy functions here); a
+test holds them equal on the same image. Pure numpy (no image library is imported: reading a
+shard set's manifest, which builds a Normalization, loads nothing more), so serving needs
+neither DALI nor a GPU. The pixels themselves come from pipeline.sharded.
 
 Normalisation, as the paper: subtract the training set's mean RGB (0-255 scale) from every
 pixel, nothing else ("the net trains on centred raw RGB values"). Dividing by the std is an
@@ -22,8 +24,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.preprocess import OUTPUT_SIZE, encode_jpeg, prepare_image
-
 LIGHTING_ALPHA_STD = 0.1
 PCA_PIXEL_SCALE = 255.0
 
@@ -34,7 +34,7 @@ class Normalization:
     std: tuple[float, float, float] = (1.0, 1.0, 1.0)  # divisor; (1, 1, 1) = the paper
 
     @classmethod
-    def from_stats(cls, stats: dict, divide_by_std: bool = False) -> "Normalization":
+    def from_stats(cls, stats: dict, divide_by_std: bool = False) -> Normalization:
         mean = tuple(float(v) for v in stats["mean"])
         std = tuple(float(v) for v in stats["std"]) if divide_by_std else (1.0, 1.0, 1.0)
         return cls(mean=mean, std=std)  # type: ignore[arg-type]
@@ -43,8 +43,8 @@ class Normalization:
         return {"mean": list(self.mean), "std": list(self.std)}
 
     @classmethod
-    def from_json(cls, d: dict) -> "Normalization":
-        return cls(mean=tuple(d["mean"]), std=tuple(d["std"]))  # type: ignore[arg-type]
+    def from_json(cls, d: dict) -> Normalization:
+        return cls(mean=tuple(d["mean"]), std=tuple(d["std"]))
 
 
 @dataclass(frozen=True)
@@ -56,9 +56,12 @@ class Lighting:
     alpha_std: float = LIGHTING_ALPHA_STD
 
     @classmethod
-    def from_stats(cls, stats: dict, alpha_std: float = LIGHTING_ALPHA_STD) -> "Lighting":
-        return cls(eigenvalues=tuple(stats["eigenvalues"]),  # type: ignore[arg-type]
-                   eigenvectors=tuple(tuple(v) for v in stats["eigenvectors"]), alpha_std=alpha_std)
+    def from_stats(cls, stats: dict, alpha_std: float = LIGHTING_ALPHA_STD) -> Lighting:
+        return cls(
+            eigenvalues=tuple(stats["eigenvalues"]),
+            eigenvectors=tuple(tuple(v) for v in stats["eigenvectors"]),
+            alpha_std=alpha_std,
+        )
 
     def shift_weights(self) -> np.ndarray:
         """lambda_k on the [0, 1] scale expressed in 0-255 output units: shift = P^T (alpha * w)."""
@@ -108,16 +111,6 @@ def eval_crops(pixels: np.ndarray, crop: int, norm: Normalization, ten_crop: boo
         boxes = [(c, c, False)]
     out = []
     for top, left, mirror in boxes:
-        patch = pixels[top:top + crop, left:left + crop]
+        patch = pixels[top : top + crop, left : left + crop]
         out.append(normalize_chw(patch[:, ::-1] if mirror else patch, norm))
     return np.stack(out)
-
-
-def as_sharded(data: bytes, *, quality: int, size: int = OUTPUT_SIZE, **prepare_kwargs) -> np.ndarray:
-    """What the trainer sees for an image: prepare_image, JPEG at the shard set's quality,
-    decoded again (libjpeg-turbo, as DALI's CPU decoder: bit-identical). Serving uses this
-    so that its inputs carry the same JPEG round trip as the training data."""
-    import simplejpeg
-
-    pixels = prepare_image(data, size=size, **prepare_kwargs).pixels
-    return simplejpeg.decode_jpeg(encode_jpeg(pixels, quality), colorspace="RGB")

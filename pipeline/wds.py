@@ -1,4 +1,5 @@
-"""WebDataset tar shards, written reproducibly, and their DALI index files.
+"""WebDataset tar shards, written reproducibly, and their index files in DALI's wds2idx format
+(written here from the offsets recorded while writing; DALI is not needed to write them).
 
 A shard is a plain POSIX (ustar) tar whose members are `<key>.<ext>`, a sample's members
 consecutive. Every header field that could vary between runs (mtime, owner, mode) is fixed,
@@ -114,15 +115,3 @@ class ShardTarWriter:
     def index_text(self) -> str:
         """The same text DALI's wds2idx writes for this tar (tests hold them equal)."""
         return f"{IDX_VERSION} {len(self.index_lines)}\n" + "".join(line + "\n" for line in self.index_lines)
-
-
-def write_index_with_dali(tar_path: Path, idx_path: Path) -> bool:
-    """Index `tar_path` with DALI's own wds2idx. False where DALI is not installed."""
-    try:
-        from wds2idx import IndexCreator  # installed by nvidia-dali-cuda1xx
-    except ImportError:
-        return False
-    with IndexCreator(str(tar_path), str(idx_path), verbose=False) as creator:
-        creator.create_index()
-    return True
-

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from pipeline.atomic import replacing, write_atomic
 from pipeline.preprocess import PREPROCESS_VERSION, ImageError, encode_jpeg, prepare_image
-from pipeline.stats import PixelMoments
 from pipeline.shardset import TAR_SUFFIX, index_path_for, shard_name
+from pipeline.stats import PixelMoments
 from pipeline.wds import ShardTarWriter
 
 STATE_DIR = ".state"
@@ -65,17 +65,6 @@ class ShardSpec:
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write then rename: a reader never sees a half-written file under `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def read_done_record(spec: ShardSpec) -> dict | None:
     """The completion record, if this shard is finished and its files are intact."""
     try:
@@ -103,44 +92,53 @@ def write_shard(spec: ShardSpec) -> dict:
     if done is not None:
         return dict(done, resumed=True)
 
-    spec.tar_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_tar = spec.tar_path.with_name(f".{spec.tar_path.name}.{os.getpid()}.tmp")
-    writer = ShardTarWriter(tmp_tar)
     moments = PixelMoments()
-    skipped = []
-    for sample in spec.samples:
-        try:
-            prepared = prepare_image(_read_source(Path(spec.src_root) / sample.relpath),
-                                     size=spec.image_size, max_pixels=spec.max_pixels)
-        except ImageError as exc:
-            skipped.append({"path": sample.relpath, "reason": exc.reason})
-            continue
-        except OSError as exc:  # unreadable file (permissions, I/O error): skip, report
-            skipped.append({"path": sample.relpath, "reason": f"cannot read file: {exc.strerror or exc}"})
-            continue
-        meta = json.dumps({"wnid": sample.wnid, "src": sample.relpath}, sort_keys=True)
-        writer.add(sample.key, {
-            "jpg": encode_jpeg(prepared.pixels, spec.jpeg_quality),
-            "cls": str(sample.label).encode("ascii"),
-            "json": meta.encode("utf-8"),
-        })
-        if spec.with_stats:
-            moments.add_image(prepared.pixels)
-    nbytes, sha256 = writer.close()
+    skipped, notes = [], []
+    with replacing(spec.tar_path) as tmp_tar:  # renamed into place when the block ends
+        writer = ShardTarWriter(tmp_tar)
+        for sample in spec.samples:
+            try:
+                prepared = prepare_image(
+                    _read_source(Path(spec.src_root) / sample.relpath), size=spec.image_size, max_pixels=spec.max_pixels
+                )
+            except ImageError as exc:
+                skipped.append({"path": sample.relpath, "reason": exc.reason})
+                continue
+            except OSError as exc:  # unreadable file (permissions, I/O error): skip, report
+                skipped.append({"path": sample.relpath, "reason": f"cannot read file: {exc.strerror or exc}"})
+                continue
+            if prepared.notes:  # kept, with what was ignored in it
+                notes.append({"path": sample.relpath, "note": "; ".join(prepared.notes)})
+            meta = json.dumps({"wnid": sample.wnid, "src": sample.relpath}, sort_keys=True)
+            writer.add(
+                sample.key,
+                {
+                    "jpg": encode_jpeg(prepared.pixels, spec.jpeg_quality),
+                    "cls": str(sample.label).encode("ascii"),
+                    "json": meta.encode("utf-8"),
+                },
+            )
+            if spec.with_stats:
+                moments.add_image(prepared.pixels)
+        nbytes, sha256 = writer.close()
+        if writer.num_samples == 0:  # every file in it was bad: no shard at all, never an empty tar
+            tmp_tar.unlink()
 
-    record = {"fingerprint": spec.fingerprint(), "split": spec.split, "name": spec.name,
-              "num_samples": writer.num_samples, "bytes": 0, "sha256": None, "skipped": skipped,
-              "moments": moments.to_json() if spec.with_stats else None}
-    if writer.num_samples == 0:  # every file in it was bad: no shard at all, never an empty tar
-        tmp_tar.unlink()
-    else:
-        idx = index_path_for(spec.tar_path)
-        tmp_idx = idx.with_name(f".{idx.name}.{os.getpid()}.tmp")
+    record = {
+        "fingerprint": spec.fingerprint(),
+        "split": spec.split,
+        "name": spec.name,
+        "num_samples": writer.num_samples,
+        "bytes": 0,
+        "sha256": None,
+        "skipped": skipped,
+        "notes": notes,
+        "moments": moments.to_json() if spec.with_stats else None,
+    }
+    if writer.num_samples:
         # The index as DALI's wds2idx writes it (tests/pipeline/test_shard.py holds the two
         # byte-equal), from the offsets recorded while writing: no second pass over the tar.
-        tmp_idx.write_text(writer.index_text())
-        os.replace(tmp_tar, spec.tar_path)
-        os.replace(tmp_idx, idx)
+        write_atomic(index_path_for(spec.tar_path), writer.index_text(), fsync=False)
         record.update(bytes=nbytes, sha256=sha256)
-    write_atomic(spec.record_path, json.dumps(record, sort_keys=True).encode())
+    write_atomic(spec.record_path, json.dumps(record, sort_keys=True))
     return dict(record, resumed=False)

@@ -119,12 +119,15 @@ def test_png_named_jpeg_is_read_by_content():
     assert prepared.source_format == "PNG"
 
 
-@pytest.mark.parametrize("data,needle", [
-    (b"", "empty"),
-    (b"hello, I am text\n" * 10, "not an image"),
-    (None, "truncated"),
-    (None, "corrupt"),
-])
+@pytest.mark.parametrize(
+    "data,needle",
+    [
+        (b"", "empty"),
+        (b"hello, I am text\n" * 10, "not an image"),
+        (None, "truncated"),
+        (None, "corrupt"),
+    ],
+)
 def test_broken_inputs_raise_image_error_with_reason(data, needle):
     good = encode(quadrants(400, 300), "JPEG", quality=90)
     if data is None and needle == "truncated":
@@ -220,8 +223,14 @@ def test_read_header_reports_size_mode_depth_frames_transparency_and_decode_memo
     from pipeline.preprocess import read_header
 
     png16 = read_header(encode(Image.fromarray(np.zeros((300, 400), dtype=np.uint16)), "PNG"))
-    assert (png16.format, png16.width, png16.height, png16.mode, png16.bits, png16.frames) == \
-        ("PNG", 400, 300, "I;16", 16, 1)
+    assert (png16.format, png16.width, png16.height, png16.mode, png16.bits, png16.frames) == (
+        "PNG",
+        400,
+        300,
+        "I;16",
+        16,
+        1,
+    )
     assert png16.decode_bytes == 400 * 300 * 2
     jpeg = read_header(encode(quadrants(2000, 1500), "JPEG", quality=90))
     assert (jpeg.mode, jpeg.bits) == ("RGB", 8)

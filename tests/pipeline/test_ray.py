@@ -30,9 +30,25 @@ def test_ray_address_from_the_environment_as_ray_job_submit_sets_it(ray_cluster,
     out = tmp_path / "job"
     local = tmp_path / "local"
     run(shard_config(sample_root, local, limit=24, samples_per_shard=8, workers=1))
-    r = ray_cluster.ray("job", "submit", "--address", ray_cluster.dashboard_url, "--", sys.executable, "-m",
-                        "pipeline.shard", "--src", str(sample_root), "--out", str(out), "--limit", "24",
-                        "--shard-size", "8", "--quiet")
+    r = ray_cluster.ray(
+        "job",
+        "submit",
+        "--address",
+        ray_cluster.dashboard_url,
+        "--",
+        sys.executable,
+        "-m",
+        "pipeline.shard",
+        "--src",
+        str(sample_root),
+        "--out",
+        str(out),
+        "--limit",
+        "24",
+        "--shard-size",
+        "8",
+        "--quiet",
+    )
     port = ray_cluster.gcs_address.rsplit(":", 1)[1]
     assert re.search(rf"RAY_ADDRESS=\S+:{port}: writing the shards as Ray tasks", r.stdout + r.stderr), r.stdout
     assert tree_bytes(out) == tree_bytes(local)

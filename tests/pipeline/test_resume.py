@@ -17,16 +17,17 @@ SMALL_SHARDS = 16  # many shards, so kills land between, inside and after shard 
 
 
 def shard_cmd(src: Path, out: Path) -> list[str]:
+    # fmt: off
     return [sys.executable, "-m", "pipeline.shard", "--src", str(src), "--out", str(out),
             "--shard-size", str(SMALL_SHARDS), "--workers", "2", "--quiet"]
+    # fmt: on
 
 
 def kill_when(cmd: list[str], condition: Callable[[], bool], timeout: float = 60.0) -> bool:
     """Start the sharder in its own process group and SIGKILL the whole group (the parent
     and its worker processes, like a crashed machine) as soon as `condition()` holds.
     True if it was killed before it finished."""
-    proc = subprocess.Popen(cmd, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + timeout
     while proc.poll() is None and time.monotonic() < deadline:
         if condition():
@@ -54,7 +55,7 @@ def test_kill_9_then_rerun_is_byte_identical(sample_root, tmp_path):
     # 2 and 3: right after a shard completes, twice, each run resuming the previous one.
     for _ in range(2):
         start = records(out)
-        assert kill_when(cmd, lambda: records(out) > start + 1)
+        assert kill_when(cmd, lambda start=start: records(out) > start + 1)
         assert not (out / "manifest.json").exists()  # killed mid-run: never looks complete
     kept = records(out)
     assert 0 < kept < len(list((reference / ".state").rglob("*.json")))

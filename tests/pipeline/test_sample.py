@@ -36,12 +36,23 @@ def test_layout_sizes_and_odd_kinds(sample_root):
             continue
         kinds.add((img.format, img.mode))
         sizes.add(img.size)
-    assert {("JPEG", "RGB"), ("JPEG", "L"), ("JPEG", "CMYK"), ("PNG", "RGBA"), ("PNG", "P"), ("PNG", "I;16"),
-            ("PNG", "RGB"), "broken"} <= kinds
+    assert {
+        ("JPEG", "RGB"),
+        ("JPEG", "L"),
+        ("JPEG", "CMYK"),
+        ("PNG", "RGBA"),
+        ("PNG", "P"),
+        ("PNG", "I;16"),
+        ("PNG", "RGB"),
+        "broken",
+    } <= kinds
     assert len(sizes) > 100 and any(w > h for w, h in sizes) and any(h > w for w, h in sizes)
     assert any(max(s) > 700 for s in sizes)
-    assert any(Image.open(p).getexif().get(0x0112) == 6 for p in train if p.name.endswith("_1.JPEG")
-               and Image.open(p).format == "JPEG")
+    assert any(
+        Image.open(p).getexif().get(0x0112) == 6
+        for p in train
+        if p.name.endswith("_1.JPEG") and Image.open(p).format == "JPEG"
+    )
 
 
 def test_classes_are_learnable_from_the_shards(shard_set):
@@ -69,7 +80,8 @@ def test_classes_are_learnable_from_the_shards(shard_set):
 
 def test_cli_refuses_to_overwrite_a_foreign_folder(tmp_path):
     (tmp_path / "mine.txt").write_text("precious")
-    r = subprocess.run([sys.executable, "-m", "pipeline.sample", "--out", str(tmp_path)], cwd=REPO,
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "pipeline.sample", "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True
+    )
     assert r.returncode == 2 and "not sample data" in r.stderr
     assert (tmp_path / "mine.txt").read_text() == "precious"

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 
 import pytest
 
 from pipeline.shardset import FORMAT, FORMAT_VERSION, MANIFEST, STATS, ShardSetError, open_shard_set
+from tests.helpers import REPO
 
 
 def test_reads_what_the_sharder_wrote(shard_set):
@@ -24,8 +27,9 @@ def test_reads_what_the_sharder_wrote(shard_set):
         ss.shards("test")
 
 
-@pytest.mark.parametrize("field,value", [("format", "someone-else/shards"), ("format_version", FORMAT_VERSION + 1),
-                                         ("format", None)])
+@pytest.mark.parametrize(
+    "field,value", [("format", "someone-else/shards"), ("format_version", FORMAT_VERSION + 1), ("format", None)]
+)
 def test_another_format_or_version_is_refused_with_what_was_found(shard_set, tmp_path, field, value):
     out, manifest = shard_set
     copy = tmp_path / "copy"
@@ -58,3 +62,15 @@ def test_missing_incomplete_and_damaged_sets(shard_set, tmp_path):
         open_shard_set(copy)
     with pytest.raises(ShardSetError, match="does not fit"):
         open_shard_set(out, input_size=299)
+
+
+def test_reading_a_shard_set_loads_no_image_library(shard_set):
+    """The reader and the numbers it builds (pipeline.transforms) are plain numpy: a process
+    that only reads a manifest and stats.json imports neither OpenCV nor Pillow nor libjpeg."""
+    code = (
+        "import sys; from pipeline.shardset import open_shard_set; "
+        f"s = open_shard_set({str(shard_set[0])!r}); s.normalization(True); "
+        "print([m for m in ('cv2', 'PIL', 'simplejpeg', 'pipeline.preprocess') if m in sys.modules])"
+    )
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr

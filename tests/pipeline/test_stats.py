@@ -38,7 +38,9 @@ def test_equal_to_a_direct_float64_computation_over_the_same_pixels():
     assert np.allclose(stats["mean"], mean, rtol=0, atol=1e-9)
     assert np.allclose(stats["covariance"], cov, rtol=0, atol=1e-7)
     # the integer moments themselves are exact
-    grid = np.concatenate([p[GRID_OFFSET::GRID_STEP, GRID_OFFSET::GRID_STEP].reshape(-1, 3) for p in imgs]).astype(np.int64)
+    grid = np.concatenate([p[GRID_OFFSET::GRID_STEP, GRID_OFFSET::GRID_STEP].reshape(-1, 3) for p in imgs]).astype(
+        np.int64
+    )
     doc = m.to_json()
     assert doc["sum"] == grid.sum(0).tolist() and doc["sum_outer"] == (grid.T @ grid).tolist()
 

@@ -16,17 +16,28 @@ def tarfile_bytes(samples: list[tuple[str, dict[str, bytes]]]) -> bytes:
         for key, members in samples:
             for ext, data in members.items():
                 info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = \
-                    len(data), 0, 0o644, 0, 0, "", ""
+                info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = (
+                    len(data),
+                    0,
+                    0o644,
+                    0,
+                    0,
+                    "",
+                    "",
+                )
                 tar.addfile(info, io.BytesIO(data))
     return buf.getvalue()
 
 
 @pytest.mark.parametrize("count", [0, 1, 7, 40])
 def test_same_bytes_as_tarfile(tmp_path, count):
-    samples = [(f"k{i:04d}_{'x' * (i % 70)}", {"jpg": bytes(range(256)) * (i * 13 % 50 + 1) + b"z" * i,
-                                              "cls": str(i).encode(), "json": b"{}" * (i % 3)})
-               for i in range(count)]
+    samples = [
+        (
+            f"k{i:04d}_{'x' * (i % 70)}",
+            {"jpg": bytes(range(256)) * (i * 13 % 50 + 1) + b"z" * i, "cls": str(i).encode(), "json": b"{}" * (i % 3)},
+        )
+        for i in range(count)
+    ]
     w = ShardTarWriter(tmp_path / "a.tar")
     for key, members in samples:
         w.add(key, members)
