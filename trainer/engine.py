@@ -31,19 +31,20 @@ class Tally:
         """Accumulate on the device: no host sync per step (a GPU keeps running ahead)."""
         k = min(5, logits_or_probs.shape[1])
         hit = logits_or_probs.topk(k, dim=1).indices == labels[:, None]
-        step = torch.stack([loss_sum.detach().double().reshape(()), hit[:, 0].sum().double(),
-                            hit.any(dim=1).sum().double()])
+        step = torch.stack(
+            [loss_sum.detach().double().reshape(()), hit[:, 0].sum().double(), hit.any(dim=1).sum().double()]
+        )
         self._acc = step if self._acc is None else self._acc + step
         self.count += int(labels.numel())
 
-    def finalize(self) -> "Tally":
+    def finalize(self) -> Tally:
         if self._acc is not None:
             loss_sum, top1, top5 = self._acc.tolist()
             self.loss_sum, self.top1, self.top5 = self.loss_sum + loss_sum, self.top1 + int(top1), self.top5 + int(top5)
             self._acc = None
         return self
 
-    def all_reduce(self) -> "Tally":
+    def all_reduce(self) -> Tally:
         """Sum counts over all workers (no-op without a process group)."""
         self.finalize()
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
@@ -63,8 +64,12 @@ class Tally:
     def metrics(self, prefix: str) -> dict:
         self.finalize()
         n = max(self.count, 1)
-        return {f"{prefix}_loss": self.loss_sum / n, f"{prefix}_top1_error": 1 - self.top1 / n,
-                f"{prefix}_top5_error": 1 - self.top5 / n, f"{prefix}_images": self.count}
+        return {
+            f"{prefix}_loss": self.loss_sum / n,
+            f"{prefix}_top1_error": 1 - self.top1 / n,
+            f"{prefix}_top5_error": 1 - self.top5 / n,
+            f"{prefix}_images": self.count,
+        }
 
 
 def _join(model: torch.nn.Module):
@@ -89,8 +94,15 @@ class StepHooks:
         return False
 
 
-def train_one_epoch(model, loader, optimizer, *, amp_dtype: torch.dtype | None = None,
-                    device: torch.device | None = None, hooks: StepHooks | None = None) -> Tally:
+def train_one_epoch(
+    model,
+    loader,
+    optimizer,
+    *,
+    amp_dtype: torch.dtype | None = None,
+    device: torch.device | None = None,
+    hooks: StepHooks | None = None,
+) -> Tally:
     """One pass over `loader`. `hooks.after_step` gets the step's loss as a device tensor
     (reading it forces a sync: do that every N steps, not every step)."""
     model.train()
@@ -103,8 +115,11 @@ def train_one_epoch(model, loader, optimizer, *, amp_dtype: torch.dtype | None =
                 hooks.before_step(step)
             if device is not None and images.device != device:
                 images = images.to(device, non_blocking=True)
-            with torch.autocast(device_type=(device or images.device).type, dtype=amp_dtype or torch.float32,
-                                enabled=amp_dtype is not None):
+            with torch.autocast(
+                device_type=(device or images.device).type,
+                dtype=amp_dtype or torch.float32,
+                enabled=amp_dtype is not None,
+            ):
                 logits = model(images)
                 labels = labels.to(logits.device, non_blocking=True)
                 loss = F.cross_entropy(logits, labels)
@@ -132,8 +147,9 @@ def evaluate(model, loader, *, amp_dtype: torch.dtype | None = None, device: tor
             images = images.to(device, non_blocking=True)
         crops = images.shape[1] if images.dim() == 5 else 1
         flat = images.flatten(0, 1) if crops > 1 else images
-        with torch.autocast(device_type=(device or images.device).type, dtype=amp_dtype or torch.float32,
-                            enabled=amp_dtype is not None):
+        with torch.autocast(
+            device_type=(device or images.device).type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
+        ):
             logits = model(flat).float()
         labels = labels.to(logits.device)
         probs = logits.softmax(dim=1).view(-1, crops, logits.shape[1]).mean(dim=1)

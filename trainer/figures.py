@@ -13,10 +13,13 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
+
+from pipeline.atomic import exits_cleanly_when_full, replacing
+from pipeline.cli import setup_logging
+from trainer.runfolder import read_metrics
 
 log = logging.getLogger("trainer.figures")
 LEARNING_CURVES = "learning_curves.png"
@@ -26,6 +29,18 @@ KERNEL_SCALE, GAP, COLUMN_GAP = 4, 2, 10  # COLUMN_GAP separates column A's kern
 
 
 def plot_learning_curves(rows: list[dict], out: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig = learning_curves_figure(rows)
+    with replacing(out, suffix=out.suffix) as tmp:  # savefig picks the format from the suffix
+        fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def learning_curves_figure(rows: list[dict]):
+    """The learning curves as a matplotlib Figure (plot_learning_curves saves it; trainer.board
+    hands it to TensorBoard)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -35,8 +50,12 @@ def plot_learning_curves(rows: list[dict], out: Path) -> Path:
         raise ValueError("no metrics to plot")
     epochs = [r["epoch"] for r in rows]
     fig, (ax_err, ax_lr) = plt.subplots(2, 1, figsize=(8, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
-    for key, style, label in (("train_top1_error", "C0--", "train top-1"), ("train_top5_error", "C1--", "train top-5"),
-                              ("val_top1_error", "C0-", "val top-1"), ("val_top5_error", "C1-", "val top-5")):
+    for key, style, label in (
+        ("train_top1_error", "C0--", "train top-1"),
+        ("train_top5_error", "C1--", "train top-5"),
+        ("val_top1_error", "C0-", "val top-1"),
+        ("val_top5_error", "C1-", "val top-5"),
+    ):
         ax_err.plot(epochs, [100 * r[key] for r in rows], style, marker="o", ms=3, label=label)
     if "val10crop_top1_error" in rows[-1]:
         ax_err.plot([epochs[-1]], [100 * rows[-1]["val10crop_top1_error"]], "C0*", ms=12, label="val top-1, 10 crops")
@@ -54,18 +73,22 @@ def plot_learning_curves(rows: list[dict], out: Path) -> Path:
     ax_lr.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax_lr.grid(alpha=0.3)
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(out)
-    return out
+    return fig
 
 
 def conv1_tile(model, out: Path) -> Path:
-    """Figure 3: 8 rows x 12 kernels; columns A (left 6) and B (right 6) of the model."""
-    import numpy as np
+    """Figure 3, saved: see conv1_image."""
     from PIL import Image
+
+    with replacing(out, suffix=out.suffix) as tmp:
+        Image.fromarray(conv1_image(model)).save(tmp)
+    return out
+
+
+def conv1_image(model):
+    """Figure 3: 8 rows x 12 kernels; columns A (left 6) and B (right 6) of the model, as an
+    RGB uint8 array (H, W, 3)."""
+    import numpy as np
 
     kernels = [c.conv1.weight.detach().float().cpu().numpy() for c in model.columns]  # (48, 3, 11, 11) each
     cell = 11 * KERNEL_SCALE + GAP
@@ -78,26 +101,19 @@ def conv1_tile(model, out: Path) -> Path:
             img = np.kron((img * 255).astype(np.uint8), np.ones((KERNEL_SCALE, KERNEL_SCALE, 1), dtype=np.uint8))
             row, col = divmod(i, per_col)
             y, x = GAP + row * cell, GAP + (c * per_col + col) * cell + c * COLUMN_GAP
-            tile[y:y + 11 * KERNEL_SCALE, x:x + 11 * KERNEL_SCALE] = img
-    out.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(tile).save(out)
-    return out
+            tile[y : y + 11 * KERNEL_SCALE, x : x + 11 * KERNEL_SCALE] = img
+    return tile
 
 
-def read_metrics(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: is {run_dir} a run folder?")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
+@exits_cleanly_when_full(log)
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     p = argparse.ArgumentParser(prog="python -m trainer.figures", description=__doc__.split("\n\n")[0])
     p.add_argument("run", type=Path, help="run folder (STORAGE_PATH/NAME)")
     p.add_argument("--shards", type=Path, help="shard set for the retrieval sheet (its val split)")
     a = p.parse_args(argv)
-    from trainer.checkpoint import CheckpointError, latest_checkpoint, load_model
+    from trainer.checkpoint import latest_checkpoint, load_model
+    from trainer.checkpoint_meta import CheckpointError
     from trainer.retrieval import retrieval_sheet
 
     try:

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.model import AlexNet, AlexNetConfig, paper_lrn
+from trainer.lrn import paper_lrn
+from trainer.model import AlexNet, AlexNetConfig
 
 
 class GroupedAlexNet(nn.Module):
@@ -50,7 +51,7 @@ class GroupedAlexNet(nn.Module):
         return self.fc8(x)
 
     @classmethod
-    def from_columns(cls, model: AlexNet) -> "GroupedAlexNet":
+    def from_columns(cls, model: AlexNet) -> GroupedAlexNet:
         """Copy a two-column AlexNet's weights: every layer is its columns' kernels stacked."""
         grouped = cls(model.cfg).to(model.output_device)
         a, b = model.columns

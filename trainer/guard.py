@@ -9,7 +9,9 @@ is stopped with a message instead of burning GPU-days (`--no-divergence-guard` t
 
 The numbers: an untrained net starts at about ln(classes) (2.3 for 10, 6.9 for 1000); a
 working run never goes back to 3x that, while the paper's recipe on the 10-class sample data
-reaches 4x by its fourth step and ~11x in its second epoch (trainer/config.py explains why).
+reaches 4x by its fourth step and ~11x in its second epoch (docs/divergence.md explains why).
+A trip ends the epoch on every rank at once; the worker writes diverged.json
+(trainer.saving.report_divergence) and the driver turns it into exit status 3.
 """
 
 from __future__ import annotations
@@ -19,10 +21,6 @@ from dataclasses import asdict, dataclass
 
 FACTOR = 3.0
 PATIENCE = 2
-
-
-class Diverged(RuntimeError):
-    pass
 
 
 @dataclass
@@ -49,8 +47,10 @@ class DivergenceGuard:
         else:
             self.bad_checks = 0
         if self.bad_checks >= PATIENCE:
-            return (f"the training loss {mean_loss:.4g} has been above {FACTOR:g}x its starting value "
-                    f"{self.reference:.4g} for {self.bad_checks} checks in a row")
+            return (
+                f"the training loss {mean_loss:.4g} has been above {FACTOR:g}x its starting value "
+                f"{self.reference:.4g} for {self.bad_checks} checks in a row"
+            )
         return None
 
     def state_dict(self) -> dict:

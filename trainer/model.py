@@ -16,12 +16,15 @@ Parameters of the paper layout: 60,965,224.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trainer.lrn import PaperLRN
 
 INITS = ("paper", "kaiming")
 
@@ -39,7 +42,7 @@ class AlexNetConfig:
 
     init: "paper" (section 5, the default) or "kaiming" (He et al. 2015: N(0, 2/fan_in),
     biases 0, fc8 N(0, 0.01)). The paper's initialisation needs many epochs to leave chance
-    level on a small dataset; the CPU sample preset uses "kaiming" (see trainer/config.py).
+    level on a small dataset; the CPU sample recipe uses "kaiming" (trainer/recipes/sample.toml).
     """
 
     num_classes: int = 1000
@@ -73,8 +76,16 @@ class AlexNetConfig:
         pool1 = pool(conv1)
         conv2 = pool1  # 5x5, pad 2
         pool2 = pool(conv2)
-        return {"conv1": conv1, "pool1": pool1, "conv2": conv2, "pool2": pool2, "conv3": pool2,
-                "conv4": pool2, "conv5": pool2, "pool5": pool(pool2)}
+        return {
+            "conv1": conv1,
+            "pool1": pool1,
+            "conv2": conv2,
+            "pool2": pool2,
+            "conv3": pool2,
+            "conv4": pool2,
+            "conv5": pool2,
+            "pool5": pool(pool2),
+        }
 
     def feature_map_size(self) -> int:
         conv1 = (self.input_size - 11) // 4 + 1
@@ -82,19 +93,21 @@ class AlexNetConfig:
             return 0
         return self.spatial_sizes()["pool5"]
 
-    def widths(self) -> list["ColumnWidths"]:
+    def widths(self) -> list[ColumnWidths]:
         """Kernels per column for each layer."""
         if self.columns == 2:
             half = self.num_classes // 2
-            return [ColumnWidths(48, 128, 192, 192, 128, 2048, 2048, self.num_classes - half),
-                    ColumnWidths(48, 128, 192, 192, 128, 2048, 2048, half)]
+            return [
+                ColumnWidths(48, 128, 192, 192, 128, 2048, 2048, self.num_classes - half),
+                ColumnWidths(48, 128, 192, 192, 128, 2048, 2048, half),
+            ]
         return [ColumnWidths(48, 128, 192, 192, 256, 4096, 4096, self.num_classes)]
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "AlexNetConfig":
+    def from_dict(cls, d: dict) -> AlexNetConfig:
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
 
@@ -110,93 +123,26 @@ class ColumnWidths:
     fc8: int
 
 
-def channel_window_sum(t: torch.Tensor, size: int) -> torch.Tensor:
-    """sum_{j=max(0,i-size/2)}^{min(N-1,i+size/2)} t[:, j] for every channel i (dim 1): the
-    paper's window, clipped at the first and last map."""
-    s = t.clone()
-    for d in range(1, size // 2 + 1):
-        s[:, d:] += t[:, :-d]
-        s[:, :-d] += t[:, d:]
-    return s
-
-
-class _PaperLRNFunction(torch.autograd.Function):
-    """The LRN with its gradient written out. With d = k + alpha * W(a^2) (W: the channel
-    window, symmetric) and b = a * d^-beta:
-
-        dL/da = g * d^-beta - 2 * alpha * beta * a * W(g * b / d)
-
-    torch's local_response_norm (pad + avg_pool3d + pow, differentiated op by op) cost as
-    much as the conv layers on CPU: a training step took 1.33-1.40x as long with it
-    (benchmarks/model_step.py, its `torch_lrn` baseline).
-    Lower-precision maps (bf16 autocast) are normalised in float32, and the output is float32,
-    as torch's LRN gave under CUDA autocast (its pow runs in float32 there)."""
-
-    @staticmethod
-    def forward(ctx, a: torch.Tensor, size: int, alpha: float, beta: float, k: float) -> torch.Tensor:
-        wide = a.to(torch.promote_types(a.dtype, torch.float32))  # bf16/fp16 maps: the sums in fp32
-        d = channel_window_sum(wide * wide, size).mul_(alpha).add_(k)
-        scale = d.pow(-beta)
-        ctx.save_for_backward(a, d, scale)
-        ctx.constants = (size, alpha, beta)
-        return wide * scale
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, g: torch.Tensor):
-        a, d, scale = ctx.saved_tensors
-        size, alpha, beta = ctx.constants
-        wide = a.to(d.dtype)
-        g_scaled = g.to(d.dtype) * scale
-        w = channel_window_sum(g_scaled * wide / d, size)  # g * b / d
-        grad = g_scaled.sub_(w.mul_(wide).mul_(2 * alpha * beta))
-        return grad.to(a.dtype), None, None, None, None
-
-
-def paper_lrn(a: torch.Tensor, size: int, alpha: float, beta: float, k: float) -> torch.Tensor:
-    """Section 3.3's response normalisation across the maps (dim 1) of `a`."""
-    return _PaperLRNFunction.apply(a, size, alpha, beta, k)
-
-
-class PaperLRN(nn.Module):
-    """Local response normalisation exactly as the paper writes it (3.3):
-
-        b[i] = a[i] / (k + alpha * sum_{j=max(0,i-n/2)}^{min(N-1,i+n/2)} a[j]^2) ^ beta
-
-    alpha is the paper's, not divided by n (torch's local_response_norm divides it).
-    """
-
-    def __init__(self, size: int, alpha: float, beta: float, k: float):
-        super().__init__()
-        if size < 1 or size % 2 == 0:
-            raise ValueError(f"LRN size n must be odd (the window i-n/2..i+n/2 spans n maps only then), got {size}")
-        self.size, self.alpha, self.beta, self.k = size, alpha, beta, k
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return paper_lrn(x, self.size, self.alpha, self.beta, self.k)
-
-    def extra_repr(self) -> str:
-        return f"n={self.size}, alpha={self.alpha} (paper's, not divided by n), beta={self.beta}, k={self.k}"
-
-
 class Column(nn.Module):
     """One column ("GPU"): its half of every layer. Inputs of conv3/fc6/fc7/fc8 are the
     concatenation of all columns' outputs, so those layers are sized for all of them."""
 
     def __init__(self, cfg: AlexNetConfig, w: ColumnWidths, total: ColumnWidths, device: torch.device):
         super().__init__()
-        kw = {"device": device}
+        kw: dict[str, Any] = {"device": device}
         fmap = cfg.feature_map_size()
         self.conv1 = nn.Conv2d(3, w.conv1, 11, stride=4, **kw)
-        self.conv2 = nn.Conv2d(w.conv1, w.conv2, 5, padding=2, **kw)         # own column only
-        self.conv3 = nn.Conv2d(total.conv2, w.conv3, 3, padding=1, **kw)     # both columns
-        self.conv4 = nn.Conv2d(w.conv3, w.conv4, 3, padding=1, **kw)         # own column only
-        self.conv5 = nn.Conv2d(w.conv4, w.conv5, 3, padding=1, **kw)         # own column only
-        self.fc6 = nn.Linear(total.conv5 * fmap * fmap, w.fc6, **kw)          # both columns
-        self.fc7 = nn.Linear(total.fc6, w.fc7, **kw)                         # both columns
-        self.fc8 = nn.Linear(total.fc7, w.fc8, **kw)                         # both columns
-        make_lrn = lambda: (PaperLRN(cfg.lrn_size, cfg.lrn_alpha, cfg.lrn_beta, cfg.lrn_k)  # noqa: E731
-                            if cfg.lrn else nn.Identity())
+        self.conv2 = nn.Conv2d(w.conv1, w.conv2, 5, padding=2, **kw)  # own column only
+        self.conv3 = nn.Conv2d(total.conv2, w.conv3, 3, padding=1, **kw)  # both columns
+        self.conv4 = nn.Conv2d(w.conv3, w.conv4, 3, padding=1, **kw)  # own column only
+        self.conv5 = nn.Conv2d(w.conv4, w.conv5, 3, padding=1, **kw)  # own column only
+        self.fc6 = nn.Linear(total.conv5 * fmap * fmap, w.fc6, **kw)  # both columns
+        self.fc7 = nn.Linear(total.fc6, w.fc7, **kw)  # both columns
+        self.fc8 = nn.Linear(total.fc7, w.fc8, **kw)  # both columns
+
+        def make_lrn() -> nn.Module:
+            return PaperLRN(cfg.lrn_size, cfg.lrn_alpha, cfg.lrn_beta, cfg.lrn_k) if cfg.lrn else nn.Identity()
+
         self.norm1, self.norm2 = make_lrn(), make_lrn()  # each column normalises its own maps
         self.pool = nn.MaxPool2d(cfg.pool_kernel, cfg.pool_stride)
         self.drop = nn.Dropout(cfg.dropout)
@@ -220,6 +166,7 @@ def _init_weights(module: nn.Module, scheme: str) -> None:
     for name, layer in module.named_children():
         if not isinstance(layer, (nn.Conv2d, nn.Linear)):
             continue
+        assert layer.bias is not None  # every AlexNet layer has one
         if scheme == "paper":
             nn.init.normal_(layer.weight, mean=0.0, std=0.01)
             nn.init.constant_(layer.bias, 1.0 if name in ("conv2", "conv4", "conv5", "fc6", "fc7") else 0.0)
@@ -255,6 +202,9 @@ class AlexNet(nn.Module):
         """Logits and embeddings are gathered on column A's device."""
         return self.devices[0]
 
+    def _columns(self) -> Sequence[Column]:
+        return cast("Sequence[Column]", self.columns)  # nn.ModuleList types its items as Module
+
     def _gather(self, parts: list[torch.Tensor], device: torch.device) -> torch.Tensor:
         """Concatenate all columns' outputs on `device` (the only cross-column traffic)."""
         if len(parts) == 1:
@@ -263,15 +213,15 @@ class AlexNet(nn.Module):
 
     def _hidden(self, x: torch.Tensor) -> list[torch.Tensor]:
         """fc7 activations after ReLU, one tensor per column, on that column's device."""
-        cols, devs = self.columns, self.devices
+        cols, devs = self._columns(), self.devices
         h = [c.block1(x.to(d, non_blocking=True)) for c, d in zip(cols, devs)]
         h = [c.block2(self._gather(h, d)) for c, d in zip(cols, devs)]
         h = [c.drop(F.relu(c.fc6(self._gather(h, d)))) for c, d in zip(cols, devs)]
         return [F.relu(c.fc7(self._gather(h, d))) for c, d in zip(cols, devs)]
 
     def _logits(self, hidden: list[torch.Tensor]) -> torch.Tensor:
-        h = [c.drop(a) for c, a in zip(self.columns, hidden)]
-        logits = [c.fc8(self._gather(h, d)) for c, d in zip(self.columns, self.devices)]
+        h = [c.drop(a) for c, a in zip(self._columns(), hidden)]
+        logits = [c.fc8(self._gather(h, d)) for c, d in zip(self._columns(), self.devices)]
         return self._gather(logits, self.output_device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

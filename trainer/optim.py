@@ -15,7 +15,9 @@ The schedule: lr *= lr_factor (0.1) whenever the validation top-1 error has not 
 lr_patience epochs, at most max_lr_drops (3) times (torch's ReduceLROnPlateau with a min_lr),
 after an optional linear warm-up (`warmup_epochs`, 0 in the paper). The schedule judges only
 epochs trained wholly after the warm-up: with `warmup_epochs=1.5` the first is epoch 3 (index 2),
-since epoch 2's val error still reflects half an epoch at a rising lr.
+since epoch 2's val error still reflects half an epoch at a rising lr. Every function reads
+the recipe section (trainer.config.RecipeConfig); a resumed run's changed settings reach the
+optimizer and schedule through trainer.resume.apply_changes.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from collections import defaultdict
 
 import torch
 
-from trainer.config import TrainConfig
+from trainer.config import RecipeConfig
 
 
 class PaperSGD(torch.optim.Optimizer):
@@ -71,54 +73,45 @@ def param_groups(model: torch.nn.Module, weight_decay: float, decay_biases: bool
     weight decay, the biases with it only if decay_biases."""
     weights = [p for n, p in model.named_parameters() if not n.endswith("bias")]
     biases = [p for n, p in model.named_parameters() if n.endswith("bias")]
-    return [{"params": weights, "weight_decay": weight_decay, "name": "weights"},
-            {"params": biases, "weight_decay": weight_decay if decay_biases else 0.0, "name": "biases"}]
+    return [
+        {"params": weights, "weight_decay": weight_decay, "name": "weights"},
+        {"params": biases, "weight_decay": weight_decay if decay_biases else 0.0, "name": "biases"},
+    ]
 
 
-def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> PaperSGD:
-    return PaperSGD(param_groups(model, cfg.weight_decay, cfg.decay_biases), lr=cfg.lr, momentum=cfg.momentum)
+def build_optimizer(model: torch.nn.Module, recipe: RecipeConfig) -> PaperSGD:
+    return PaperSGD(
+        param_groups(model, recipe.weight_decay, recipe.decay_biases), lr=recipe.lr, momentum=recipe.momentum
+    )
 
 
-def min_lr(cfg: TrainConfig) -> float:
-    return cfg.lr * cfg.lr_factor ** cfg.max_lr_drops
+def min_lr(recipe: RecipeConfig) -> float:
+    return recipe.lr * recipe.lr_factor**recipe.max_lr_drops
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig):
+def build_scheduler(optimizer: torch.optim.Optimizer, recipe: RecipeConfig):
     """lr *= lr_factor when val top-1 error stops improving; min_lr ends it after max_lr_drops."""
-    return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=cfg.lr_factor,
-                                                      patience=cfg.lr_patience, min_lr=min_lr(cfg))
+    return torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimizer, mode="min", factor=recipe.lr_factor, patience=recipe.lr_patience, min_lr=min_lr(recipe)
+    )
 
 
-def warmup_scale(cfg: TrainConfig, epoch: int, step: int, steps_per_epoch: int) -> float | None:
+def warmup_scale(recipe: RecipeConfig, epoch: int, step: int, steps_per_epoch: int) -> float | None:
     """The warm-up factor for step `step` (0-based) of `epoch`, or None once warm-up is over:
     linear from 1/(warmup steps) to 1."""
-    total = cfg.warmup_epochs * steps_per_epoch
+    total = recipe.warmup_epochs * steps_per_epoch
     done = epoch * steps_per_epoch + step + 1
     if total <= 0 or done > total:
         return None
     return done / total
 
 
-def plateau_judges(cfg: TrainConfig, epoch: int) -> bool:
+def plateau_judges(recipe: RecipeConfig, epoch: int) -> bool:
     """Whether the plateau schedule sees the val error of `epoch` (0-based): only epochs that
     began after the warm-up had ended."""
-    return epoch >= cfg.warmup_epochs
+    return epoch >= recipe.warmup_epochs
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
-
-
-def apply_changes(optimizer: torch.optim.Optimizer, scheduler, old: TrainConfig, new: TrainConfig) -> None:
-    """Make a resumed run's optimizer and schedule follow a changed config (--allow-changes).
-    A changed lr rescales the current one (drops already taken are kept)."""
-    if new.lr != old.lr:
-        for group in optimizer.param_groups:
-            group["lr"] = group["lr"] * new.lr / old.lr
-    for group in optimizer.param_groups:
-        group["momentum"] = new.momentum
-        group["weight_decay"] = new.weight_decay if (group.get("name") != "biases" or new.decay_biases) else 0.0
-    scheduler.factor = new.lr_factor
-    scheduler.patience = new.lr_patience
-    scheduler.min_lrs = [min_lr(new)] * len(optimizer.param_groups)

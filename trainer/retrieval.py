@@ -20,9 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import simplejpeg
 import torch
 
+from pipeline.atomic import replacing
+from pipeline.sharded import decode_jpeg
 from pipeline.transforms import Normalization, eval_crops
 
 log = logging.getLogger("trainer.retrieval")
@@ -48,12 +49,15 @@ class Index:
     def nearest(self, query: torch.Tensor, k: int) -> list[dict]:
         # Computed directly, not through the |x|^2 + |y|^2 - 2xy shortcut, whose rounding puts an
         # image's distance to its own copy at ~0.03 instead of 0.
-        distances = torch.cdist(query.reshape(1, -1).float(), self.vectors,
-                                compute_mode="donot_use_mm_for_euclid_dist")[0]
+        distances = torch.cdist(
+            query.reshape(1, -1).float(), self.vectors, compute_mode="donot_use_mm_for_euclid_dist"
+        )[0]
         k = min(k, len(self.keys))
         values, indices = distances.topk(k, largest=False)
-        return [{"key": self.keys[i], "source": self.origins[i], "distance": float(v)}
-                for v, i in zip(values.tolist(), indices.tolist())]
+        return [
+            {"key": self.keys[i], "source": self.origins[i], "distance": float(v)}
+            for v, i in zip(values.tolist(), indices.tolist())
+        ]
 
 
 def shard_samples(tars: Iterable[tuple[str, Path]], input_size: int, norm: Normalization) -> Iterator[Item]:
@@ -62,16 +66,27 @@ def shard_samples(tars: Iterable[tuple[str, Path]], input_size: int, norm: Norma
         with tarfile.open(path) as tar:
             for member in tar:
                 if member.isfile() and member.name.endswith(".jpg"):
-                    pixels = simplejpeg.decode_jpeg(tar.extractfile(member).read(), colorspace="RGB")
+                    data = tar.extractfile(member)
+                    assert data is not None  # a regular file
+                    pixels = decode_jpeg(data.read())
                     key = member.name[:-4]
                     yield key, f"{name}:{key}", eval_crops(pixels, input_size, norm)
 
 
-def embed_all(root: Path, items: Iterable[Item], embed: Callable[[np.ndarray], torch.Tensor], *, batch: int,
-              split: str = "val", limit: int | None = None, stop: threading.Event | None = None) -> Index:
+def embed_all(
+    root: Path,
+    items: Iterable[Item],
+    embed: Callable[[np.ndarray], torch.Tensor],
+    *,
+    batch: int,
+    split: str = "val",
+    limit: int | None = None,
+    stop: threading.Event | None = None,
+) -> Index:
     """Embed `items` `batch` at a time with `embed` ((N, 3, S, S) -> (N, D)), at most `limit`
     of them. Raises Cancelled once `stop` is set, ValueError if there was nothing to embed."""
-    keys, origins, chunks, pending = [], [], [], []
+    keys, origins, chunks = [], [], []
+    pending: list[np.ndarray] = []
 
     def flush():
         if pending:
@@ -99,12 +114,15 @@ def figure4_rows(train: Index, val: Index, queries: int, neighbours: int) -> lis
     """The paper's Figure 4: `queries` validation images, evenly spread, each with the
     `neighbours` training images nearest to it by fc7 distance; as origins ("tar:key")."""
     step = max(1, len(val.keys) // queries)
-    return [(val.origins[q], [f["source"] for f in train.nearest(val.vectors[q], neighbours)])
-            for q in range(0, step * queries, step)[:queries]]
+    return [
+        (val.origins[q], [f["source"] for f in train.nearest(val.vectors[q], neighbours)])
+        for q in range(0, step * queries, step)[:queries]
+    ]
 
 
-def retrieval_sheet(checkpoint: Path, shards: Path, out: Path, queries: int = 5, neighbours: int = 6,
-                    thumb: int = 96, batch: int = 32) -> Path:
+def retrieval_sheet(
+    checkpoint: Path, shards: Path, out: Path, queries: int = 5, neighbours: int = 6, thumb: int = 96, batch: int = 32
+) -> Path:
     """Figure 4: each row a validation image and the training images nearest to it by fc7
     distance (the paper's query and search sets)."""
     from PIL import Image
@@ -113,17 +131,25 @@ def retrieval_sheet(checkpoint: Path, shards: Path, out: Path, queries: int = 5,
     from trainer.checkpoint import load_model
 
     model, meta = load_model(checkpoint)
-    norm = Normalization.from_json(meta["normalization"])
     shard_set = open_shard_set(shards)
-    tars = {split: [(s["tar"], shard_set.root / s["tar"]) for s in shard_set.shards(split)] for split in ("train", "val")}
+    tars = {
+        split: [(s["tar"], shard_set.root / s["tar"]) for s in shard_set.shards(split)] for split in ("train", "val")
+    }
 
     @torch.no_grad()
     def embed(crops: np.ndarray) -> torch.Tensor:
         return model.forward_with_embedding(torch.from_numpy(crops))[1].float()
 
-    size = int(meta["input_size"])
-    train, val = (embed_all(shard_set.root, shard_samples(tars[split], size, norm), embed, batch=batch, split=split)
-                  for split in ("train", "val"))
+    train, val = (
+        embed_all(
+            shard_set.root,
+            shard_samples(tars[split], meta.input_size, meta.normalization),
+            embed,
+            batch=batch,
+            split=split,
+        )
+        for split in ("train", "val")
+    )
     rows = figure4_rows(train, val, queries, neighbours)
     wanted = {origin for query, found in rows for origin in (query, *found)}
     pixels = {}
@@ -132,7 +158,9 @@ def retrieval_sheet(checkpoint: Path, shards: Path, out: Path, queries: int = 5,
             for member in tar:
                 origin = f"{name}:{member.name[:-4]}"
                 if member.name.endswith(".jpg") and origin in wanted:
-                    img = Image.open(tar.extractfile(member)).convert("RGB").resize((thumb, thumb))
+                    data = tar.extractfile(member)
+                    assert data is not None  # the sharder writes regular files only
+                    img = Image.open(data).convert("RGB").resize((thumb, thumb))
                     pixels[origin] = np.asarray(img)
     sheet = []
     for query, found in rows:
@@ -141,6 +169,6 @@ def retrieval_sheet(checkpoint: Path, shards: Path, out: Path, queries: int = 5,
         for origin in found:
             row += [pixels[origin], gap]
         sheet += [np.concatenate(row, axis=1), np.full((8, sum(r.shape[1] for r in row), 3), 255, dtype=np.uint8)]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.concatenate(sheet, axis=0)).save(out)
+    with replacing(out, suffix=out.suffix) as tmp:
+        Image.fromarray(np.concatenate(sheet, axis=0)).save(tmp)
     return out

@@ -6,7 +6,8 @@ divergence guard stopped the run). STORAGE_PATH may be a local folder, a shared 
 mounted on every node, or any URI pyarrow understands (s3://, gs://, hdfs://), the same
 storage Ray Train itself writes checkpoints to. Local readers that must not import pyarrow
 (serving) use trainer.checkpoint.latest_checkpoint; pyarrow (which Ray brings) is imported
-only inside RunFolder, so a serving-only install can still import this module."""
+only inside RunFolder, so a serving-only install can still import this module. metrics.jsonl
+has one reader, `parse_metrics` (`read_metrics` for a local run folder)."""
 
 from __future__ import annotations
 
@@ -14,11 +15,28 @@ import json
 import os
 import posixpath
 from pathlib import Path
+from typing import Any
+
+from pipeline.atomic import write_atomic
 
 CONFIG = "config.json"
 CONFIG_CHANGES = "config_changes.jsonl"
 METRICS = "metrics.jsonl"
 DIVERGED = "diverged.json"
+OUT_OF_SPACE = "out_of_space.json"  # the workers stopped before an epoch whose checkpoint had no room
+
+
+def parse_metrics(text: str) -> list[dict[str, Any]]:
+    """metrics.jsonl's content: one row per epoch, in the order written."""
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def read_metrics(run_dir: Path | str) -> list[dict[str, Any]]:
+    """A local run folder's metrics.jsonl (FileNotFoundError naming it where there is none)."""
+    path = Path(run_dir) / METRICS
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: is {run_dir} a run folder?")
+    return parse_metrics(path.read_text())
 
 
 class RunFolder:
@@ -43,7 +61,11 @@ class RunFolder:
         return posixpath.join(self.root, rel)
 
     def write_text(self, rel: str, text: str) -> None:
-        """Write then move into place: readers never see half a file."""
+        """Write then move into place: readers never see half a file (locally through
+        pipeline.atomic, elsewhere through the filesystem's own move)."""
+        if self.local_path is not None:
+            write_atomic(self.local_path / rel, text, fsync=False)
+            return
         path = self.path(rel)
         folder, base = posixpath.split(path)
         self.fs.create_dir(folder, recursive=True)
@@ -77,9 +99,8 @@ class RunFolder:
     def append_text(self, rel: str, line: str) -> None:
         self.write_text(rel, (self.read_text(rel) or "") + line)
 
-    def metrics(self) -> list[dict]:
-        text = self.read_text(METRICS) or ""
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
+    def metrics(self) -> list[dict[str, Any]]:
+        return parse_metrics(self.read_text(METRICS) or "")
 
     def append_metrics(self, row: dict) -> None:
         """Add one epoch's line (replacing a line for the same epoch). Lines of epochs a dead
@@ -90,5 +111,3 @@ class RunFolder:
     def truncate_metrics(self, until_epoch: int) -> None:
         rows = [r for r in self.metrics() if r["epoch"] <= until_epoch]
         self.write_text(METRICS, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
-
-

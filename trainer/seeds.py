@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import random
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 import torch
@@ -42,8 +42,13 @@ def epoch_seed(run_seed: int, epoch: int, rank: int | None, stream: str = "data"
 
 
 def _cuda_indices(devices: Iterable[torch.device]) -> list[int]:
-    return sorted({d.index if d.index is not None else torch.cuda.current_device()
-                   for d in map(torch.device, devices) if d.type == "cuda"})
+    return sorted(
+        {
+            d.index if d.index is not None else torch.cuda.current_device()
+            for d in map(torch.device, devices)
+            if d.type == "cuda"
+        }
+    )
 
 
 def seed_rank(run_seed: int, rank: int) -> None:
@@ -57,26 +62,35 @@ def seed_rank(run_seed: int, rank: int) -> None:
 def capture_rng(devices: Iterable[torch.device]) -> dict:
     """This process's RNG states (Python, numpy, torch CPU, torch CUDA per device used)."""
     version, internal, gauss = random.getstate()
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = np.random.get_state()
+    assert isinstance(state, tuple)  # the legacy form: the global RandomState is MT19937
+    kind, keys, pos, has_gauss, cached = state
     cuda = _cuda_indices(devices)
-    return {"python": {"version": version, "state": torch.tensor(internal, dtype=torch.int64), "gauss": gauss},
-            "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                      "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
-            "torch": torch.get_rng_state(),
-            "cuda": {str(i): torch.cuda.get_rng_state(i) for i in cuda}}
+    return {
+        "python": {"version": version, "state": torch.tensor(internal, dtype=torch.int64), "gauss": gauss},
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
+        "torch": torch.get_rng_state(),
+        "cuda": {str(i): torch.cuda.get_rng_state(i) for i in cuda},
+    }
 
 
 def restore_rng(state: dict, devices: Iterable[torch.device]) -> None:
     py = state["python"]
     random.setstate((py["version"], tuple(int(v) for v in py["state"].tolist()), py["gauss"]))
     n = state["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
+    np.random.set_state(
+        (n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    )
     torch.set_rng_state(state["torch"])
     cuda = _cuda_indices(devices)
     saved = state.get("cuda", {})
     if sorted(saved) != sorted(str(i) for i in cuda):
-        raise ValueError(f"the checkpoint holds CUDA RNG states for devices {sorted(saved)}, this worker uses "
-                         f"{cuda}")
+        raise ValueError(f"the checkpoint holds CUDA RNG states for devices {sorted(saved)}, this worker uses {cuda}")
     for i in cuda:
         torch.cuda.set_rng_state(saved[str(i)], i)

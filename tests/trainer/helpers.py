@@ -3,11 +3,12 @@ random crops (the input back-ends' tests; no DALI needed)."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
-import simplejpeg
 
+from pipeline.sharded import decode_jpeg
 from pipeline.transforms import Normalization
 from tests.helpers import read_tar
 
@@ -20,7 +21,7 @@ def truth(out: Path, manifest: dict, split: str) -> dict[str, tuple[int, np.ndar
         for name, data in members.items():
             if name.endswith(".jpg"):
                 key = name[:-4]
-                samples[key] = (int(members[key + ".cls"]), simplejpeg.decode_jpeg(data, colorspace="RGB"))
+                samples[key] = (int(members[key + ".cls"]), decode_jpeg(data))
     return samples
 
 
@@ -36,6 +37,16 @@ def locate(patch_chw: np.ndarray, image: np.ndarray, norm: Normalization) -> tup
         windows = np.lib.stride_tricks.sliding_window_view(src, probe.shape)[:span, :span, 0]
         hits = np.argwhere(np.abs(windows - probe).max(axis=(2, 3, 4)) < 0.01)
         for top, left in hits:
-            if np.allclose(src[top:top + crop, left:left + crop], target, atol=0.01):
+            if np.allclose(src[top : top + crop, left : left + crop], target, atol=0.01):
                 return int(top), int(image.shape[1] - crop - left) if mirrored else int(left), mirrored
     return None
+
+
+def assert_progress_without_ray_spam(log: str, epochs: int) -> None:
+    """Progress inside each epoch (rank 0 only), and none of Ray's own per-report lines."""
+    assert re.search(
+        rf"epoch {epochs}/{epochs} step 15/19 \| [\d.]+ img/s \| data wait \d+% \| loss [\d.]+ \| lr [\d.e-]+ \| "
+        r"ETA epoch \d+:\d\d:\d\d, run \d+:\d\d:\d\d",
+        log,
+    ), log[-3000:]
+    assert "TrainingReport(" not in log and "Checkpoint successfully created" not in log

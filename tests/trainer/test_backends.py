@@ -1,4 +1,4 @@
-"""The two input back-ends give the same data: DALI (trainer.data) and webdataset +
+"""The two input back-ends give the same data: DALI (trainer.dali_loader) and webdataset +
 DataLoader (trainer.wds_loader), on real shards written by pipeline.shard.
 
 Evaluation: pixel for pixel. Training: in distribution, each back-end against the paper's
@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.shardset import open_shard_set
 from pipeline.transforms import Lighting
 from tests.trainer.helpers import locate, truth
-from pipeline.shardset import open_shard_set
-from trainer.data import DataConfig
+from trainer.loaders import DataConfig
 from trainer.wds_loader import WdsLoader
 
 BATCH = 16
@@ -26,7 +26,7 @@ BACKENDS = ["dali", "webdataset"]
 def make_loader(backend: str, shard_set, split: str, cfg: DataConfig):
     if backend == "dali":
         pytest.importorskip("nvidia.dali")
-        from trainer.data import DaliLoader
+        from trainer.dali_loader import DaliLoader
 
         return DaliLoader(shard_set, split, cfg)
     return WdsLoader(shard_set, split, cfg)
@@ -45,8 +45,9 @@ def test_evaluation_batches_are_identical_pixel_for_pixel(shards, mode):
     got = {}
     for backend in BACKENDS:
         loader = make_loader(backend, shard_set, "val", DataConfig(mode=mode, batch_size=BATCH, with_keys=True))
-        got[backend] = {k: (img, int(label)) for images, labels, keys in loader
-                        for img, label, k in zip(images, labels, keys)}
+        got[backend] = {
+            k: (img, int(label)) for images, labels, keys in loader for img, label, k in zip(images, labels, keys)
+        }
     dali, wds = got["dali"], got["webdataset"]
     assert sorted(dali) == sorted(wds) and len(dali) == shard_set.num_samples("val")
     assert next(iter(wds.values()))[0].shape == ((10, 3, 227, 227) if mode == "ten_crop" else (3, 227, 227))
@@ -87,7 +88,9 @@ def test_train_crops_are_uniform_mirrors_half_and_labels_exact(shards, backend):
     # Ends of the range as likely as the middle: a rounded uniform (DALI's crop_pos) halves them.
     edges, p_edge = counts[0] + counts[-1], 2 / span
     sd = np.sqrt(len(positions) * p_edge * (1 - p_edge))
-    assert abs(edges - len(positions) * p_edge) < 4 * sd, f"edge positions {edges}, expected {len(positions) * p_edge:.0f}"
+    assert abs(edges - len(positions) * p_edge) < 4 * sd, (
+        f"edge positions {edges}, expected {len(positions) * p_edge:.0f}"
+    )
     assert chi_square(counts) < 58.3  # 29 degrees of freedom, p = 0.001
     assert abs(sum(mirrors) - n / 2) < 4 * np.sqrt(n / 4)
 
@@ -95,8 +98,9 @@ def test_train_crops_are_uniform_mirrors_half_and_labels_exact(shards, backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_pca_lighting_has_the_covariance_the_eigendecomposition_implies(flat_shards, backend):
     centre = {}
-    for images, _, keys in make_loader(backend, flat_shards, "train",
-                                       DataConfig(mode="center", batch_size=BATCH, with_keys=True)):
+    for images, _, keys in make_loader(
+        backend, flat_shards, "train", DataConfig(mode="center", batch_size=BATCH, with_keys=True)
+    ):
         centre.update({k: img.mean(dim=(1, 2)).numpy() for img, k in zip(images, keys)})
     train = make_loader(backend, flat_shards, "train", DataConfig(mode="train", batch_size=BATCH, with_keys=True))
     shifts = []
@@ -116,5 +120,6 @@ def test_pca_lighting_has_the_covariance_the_eigendecomposition_implies(flat_sha
     assert np.abs(proj.mean(axis=0)).max() < 0.2 * expected_std.max()
     corr = np.corrcoef(proj.T)
     assert np.abs(corr[np.triu_indices(3, 1)]).max() < 0.15
-    np.testing.assert_allclose(np.cov(shifts.T), lighting.shift_covariance(),
-                               atol=0.25 * lighting.shift_covariance().max())
+    np.testing.assert_allclose(
+        np.cov(shifts.T), lighting.shift_covariance(), atol=0.25 * lighting.shift_covariance().max()
+    )

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from trainer.grouped_model import GroupedAlexNet
-from trainer.model import AlexNet, AlexNetConfig, PaperLRN, count_parameters
+from trainer.lrn import PaperLRN
+from trainer.model import AlexNet, AlexNetConfig, count_parameters
 
 torch.manual_seed(0)
 
@@ -20,11 +21,13 @@ def model() -> AlexNet:
 
 def capture(store: dict | list, key: str, transform=lambda o: o):
     """A forward hook that records a layer's output (and returns None: keeps the output)."""
+
     def hook(module, inputs, output):
         if isinstance(store, list):
             store.append(transform(output))
         else:
             store.setdefault(key, transform(output))
+
     return hook
 
 
@@ -40,8 +43,10 @@ def test_per_layer_output_shapes(model):
     shapes = {}
     column = model.columns[0]
     shape = lambda o: tuple(o.shape)  # noqa: E731
-    hooks = [getattr(column, name).register_forward_hook(capture(shapes, name, shape))
-             for name in ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8")]
+    hooks = [
+        getattr(column, name).register_forward_hook(capture(shapes, name, shape))
+        for name in ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8")
+    ]
     pools: list = []
     hooks.append(column.pool.register_forward_hook(capture(pools, "pool", shape)))
     model(x227())
@@ -59,8 +64,16 @@ def test_per_layer_output_shapes(model):
     assert column.fc7.in_features == 4096 and column.fc8.in_features == 4096
     # conv2, conv4, conv5 only their own column's.
     assert (column.conv2.in_channels, column.conv4.in_channels, column.conv5.in_channels) == (48, 192, 192)
-    assert AlexNetConfig().spatial_sizes() == {"conv1": 55, "pool1": 27, "conv2": 27, "pool2": 13, "conv3": 13,
-                                               "conv4": 13, "conv5": 13, "pool5": 6}
+    assert AlexNetConfig().spatial_sizes() == {
+        "conv1": 55,
+        "pool1": 27,
+        "conv2": 27,
+        "pool2": 13,
+        "conv3": 13,
+        "conv4": 13,
+        "conv5": 13,
+        "pool5": 6,
+    }
 
 
 def paper_lrn_direct(a: torch.Tensor, k=2.0, n=5, alpha=1e-4, beta=0.75) -> torch.Tensor:
@@ -69,7 +82,7 @@ def paper_lrn_direct(a: torch.Tensor, k=2.0, n=5, alpha=1e-4, beta=0.75) -> torc
     b = torch.empty_like(a)
     for i in range(N):
         lo, hi = max(0, i - n // 2), min(N - 1, i + n // 2)
-        s = (a[:, lo:hi + 1] ** 2).sum(dim=1)
+        s = (a[:, lo : hi + 1] ** 2).sum(dim=1)
         b[:, i] = a[:, i] / (k + alpha * s) ** beta
     return b
 
@@ -95,8 +108,8 @@ def test_lrn_values_and_gradient_are_the_formulas(channels, n):
     ours = lrn(a)
     literal = paper_lrn_direct(a, n=n)
     assert ours.dtype == torch.float64 and torch.allclose(ours, literal, rtol=1e-10, atol=1e-12)
-    grad, = torch.autograd.grad(ours, a, g)
-    literal_grad, = torch.autograd.grad(literal, a, g)
+    (grad,) = torch.autograd.grad(ours, a, g)
+    (literal_grad,) = torch.autograd.grad(literal, a, g)
     assert torch.allclose(grad, literal_grad, rtol=1e-10, atol=1e-14)
     assert torch.autograd.gradcheck(lrn, (a[:1, :, :2, :2].detach().clone().requires_grad_(),))
 
@@ -116,9 +129,9 @@ def test_lrn_of_bf16_maps_is_computed_in_float32():
     exact = paper_lrn_direct(a.detach().double())
     assert out.dtype == torch.float32
     assert torch.allclose(out.double(), exact, rtol=1e-6, atol=1e-6)
-    grad, = torch.autograd.grad(out, a, g)
+    (grad,) = torch.autograd.grad(out, a, g)
     a64 = a.detach().double().requires_grad_()
-    exact_grad, = torch.autograd.grad(paper_lrn_direct(a64), a64, g.double())
+    (exact_grad,) = torch.autograd.grad(paper_lrn_direct(a64), a64, g.double())
     assert grad.dtype == torch.bfloat16
     assert torch.allclose(grad.double(), exact_grad, rtol=1e-2, atol=1e-3)
 
@@ -127,8 +140,8 @@ def test_lrn_gradient_survives_torch_compile():
     lrn = PaperLRN(5, 1e-4, 0.75, 2.0)
     a = (torch.randn(2, 8, 6, 6) * 100).requires_grad_()
     g = torch.randn(2, 8, 6, 6)
-    compiled, = torch.autograd.grad(torch.compile(lambda x: lrn(torch.relu(x)))(a), a, g)
-    eager, = torch.autograd.grad(lrn(torch.relu(a)), a, g)
+    (compiled,) = torch.autograd.grad(torch.compile(lambda x: lrn(torch.relu(x)))(a), a, g)
+    (eager,) = torch.autograd.grad(lrn(torch.relu(a)), a, g)
     assert torch.allclose(compiled, eager, rtol=1e-5, atol=1e-7)
 
 
@@ -155,7 +168,7 @@ def test_each_layers_init_is_section_5s(model, name):
     of each estimate for that layer's size); biases exactly 1 in conv2, conv4, conv5, fc6, fc7, else 0."""
     w = torch.cat([getattr(c, name).weight.detach().double().flatten() for c in model.columns])
     n = w.numel()
-    assert abs(w.mean().item()) < 5 * 0.01 / n ** 0.5
+    assert abs(w.mean().item()) < 5 * 0.01 / n**0.5
     assert abs(w.std().item() - 0.01) < 5 * 0.01 / (2 * n) ** 0.5
     kurtosis = ((w - w.mean()) ** 4).mean().item() / w.var().item() ** 2
     assert abs(kurtosis - 3) < 5 * (24 / n) ** 0.5  # uniform would be 1.8
@@ -189,8 +202,9 @@ def test_the_models_lrn_is_the_papers_with_its_constants(model):
     a = torch.rand(2, 48, 7, 7, dtype=torch.float64) * 300
     for column in model.columns:
         for norm in (column.norm1, column.norm2):
-            assert torch.allclose(norm(a), paper_lrn_direct(a, k=2.0, n=5, alpha=1e-4, beta=0.75),
-                                  rtol=1e-10, atol=1e-12)
+            assert torch.allclose(
+                norm(a), paper_lrn_direct(a, k=2.0, n=5, alpha=1e-4, beta=0.75), rtol=1e-10, atol=1e-12
+            )
     seen: dict = {}
     c = model.columns[0]
     hooks = [c.conv1.register_forward_hook(capture(seen, "conv1")), c.norm1.register_forward_hook(capture(seen, "n1"))]
@@ -206,8 +220,9 @@ def test_dropout_is_one_half_on_fc6_and_fc7_and_off_in_eval():
     dropout: survivors x2), and nothing is dropped at test time."""
     model = AlexNet(AlexNetConfig(num_classes=10))
     calls: list = []
-    hooks = [c.drop.register_forward_hook(lambda m, a, o: calls.append((a[0].detach(), o.detach())))
-             for c in model.columns]
+    hooks = [
+        c.drop.register_forward_hook(lambda m, a, o: calls.append((a[0].detach(), o.detach()))) for c in model.columns
+    ]
     x = x227(8)
     model.train()
     with torch.no_grad():
@@ -243,22 +258,24 @@ def test_columns_talk_only_at_conv3_and_the_fc_layers():
     model = AlexNet().train()
     outs = {}
     a, b = model.columns
-    hooks = [a.conv1.register_forward_hook(capture(outs, "a_conv1")),
-             b.conv2.register_forward_hook(capture(outs, "b_conv2")),
-             b.conv3.register_forward_hook(capture(outs, "b_conv3")),
-             b.conv5.register_forward_hook(capture(outs, "b_conv5")),
-             b.fc6.register_forward_hook(capture(outs, "b_fc6"))]
+    hooks = [
+        a.conv1.register_forward_hook(capture(outs, "a_conv1")),
+        b.conv2.register_forward_hook(capture(outs, "b_conv2")),
+        b.conv3.register_forward_hook(capture(outs, "b_conv3")),
+        b.conv5.register_forward_hook(capture(outs, "b_conv5")),
+        b.fc6.register_forward_hook(capture(outs, "b_fc6")),
+    ]
     model(x227())
     for h in hooks:
         h.remove()
 
     def grad(of: str) -> torch.Tensor:
-        g, = torch.autograd.grad(outs[of].sum(), outs["a_conv1"], retain_graph=True, allow_unused=True)
+        (g,) = torch.autograd.grad(outs[of].sum(), outs["a_conv1"], retain_graph=True, allow_unused=True)
         return torch.zeros_like(outs["a_conv1"]) if g is None else g
 
     assert torch.count_nonzero(grad("b_conv2")) == 0  # conv2: own column only
-    assert torch.count_nonzero(grad("b_conv3")) > 0   # conv3: sees column A
-    assert torch.count_nonzero(grad("b_conv5")) > 0   # (through conv3)
+    assert torch.count_nonzero(grad("b_conv3")) > 0  # conv3: sees column A
+    assert torch.count_nonzero(grad("b_conv5")) > 0  # (through conv3)
     assert torch.count_nonzero(grad("b_fc6")) > 0
 
 
@@ -290,12 +307,15 @@ def test_fc7_embedding(model):
         assert torch.allclose(logits, model(x227(3)), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("cfg,params", [
-    (AlexNetConfig(columns=1), 59_798_312),  # half the conv kernels; conv5 and fc full (paper's footnote)
-    (AlexNetConfig(lrn=False), 60_965_224),
-    (AlexNetConfig(pool_kernel=2), 60_965_224),  # 2/2 pooling keeps 55 -> 27 -> 13 -> 6
-    (AlexNetConfig(num_classes=10), 60_965_224 - 4096 * 990 - 990),
-])
+@pytest.mark.parametrize(
+    "cfg,params",
+    [
+        (AlexNetConfig(columns=1), 59_798_312),  # half the conv kernels; conv5 and fc full (paper's footnote)
+        (AlexNetConfig(lrn=False), 60_965_224),
+        (AlexNetConfig(pool_kernel=2), 60_965_224),  # 2/2 pooling keeps 55 -> 27 -> 13 -> 6
+        (AlexNetConfig(num_classes=10), 60_965_224 - 4096 * 990 - 990),
+    ],
+)
 def test_ablation_configs_build_and_have_the_expected_sizes(cfg, params):
     model = AlexNet(cfg).eval()
     assert count_parameters(model) == params
@@ -306,8 +326,13 @@ def test_ablation_configs_build_and_have_the_expected_sizes(cfg, params):
     assert has_lrn == cfg.lrn
     if cfg.columns == 1:
         c = model.columns[0]
-        assert [getattr(c, n).out_channels for n in ("conv1", "conv2", "conv3", "conv4", "conv5")] == \
-            [48, 128, 192, 192, 256]
+        assert [getattr(c, n).out_channels for n in ("conv1", "conv2", "conv3", "conv4", "conv5")] == [
+            48,
+            128,
+            192,
+            192,
+            256,
+        ]
 
 
 def test_config_round_trips_through_json():
@@ -360,6 +385,26 @@ def test_torch_compile_gives_the_same_outputs(model):
     x = x227(2)
     with torch.no_grad():
         assert torch.allclose(compiled(x), model(x), rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.gpu
+def test_the_two_device_path_on_one_gpu_gives_the_grouped_twins_outputs():
+    """The worker's layout with one GPU (both columns given cuda:0: the gathers between columns
+    run) against the one-module grouped-convolution twin, TF32 off: the same function."""
+    allow = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        torch.manual_seed(0)
+        model = AlexNet(devices=("cuda:0", "cuda:0")).eval()
+        assert {p.device for p in model.parameters()} == {torch.device("cuda", 0)}
+        twin = GroupedAlexNet.from_columns(model).eval()
+        x = x227(4).cuda(0)
+        with torch.no_grad():
+            out, expected = model(x), twin(x)
+        assert out.device == torch.device("cuda", 0) and out.shape == (4, 1000)
+        torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = allow
 
 
 @pytest.mark.gpu(2)

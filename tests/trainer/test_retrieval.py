@@ -10,7 +10,6 @@ import torch
 from PIL import Image
 
 from pipeline.shardset import open_shard_set
-from pipeline.transforms import Normalization
 from tests.helpers import make_checkpoint
 from trainer.checkpoint import load_model
 from trainer.retrieval import Cancelled, embed_all, figure4_rows, retrieval_sheet, shard_samples
@@ -24,7 +23,7 @@ def checkpoint(shard_set, tmp_path_factory):
 def val_items(shard_set, meta, split="val"):
     shards = open_shard_set(shard_set[0])
     tars = [(s["tar"], shards.root / s["tar"]) for s in shards.shards(split)]
-    return shards, shard_samples(tars, int(meta["input_size"]), Normalization.from_json(meta["normalization"]))
+    return shards, shard_samples(tars, meta.input_size, meta.normalization)
 
 
 def test_every_val_sample_is_its_own_nearest_neighbour(shard_set, checkpoint):
@@ -53,7 +52,7 @@ def test_the_retrieval_sheet_is_figure_4s_grid(shard_set, checkpoint, tmp_path):
     sheet = np.asarray(Image.open(out))
     assert sheet.shape == (3 * (32 + 8), 32 + 16 + 4 * (32 + 8), 3)
     # each row starts with its query: a thumbnail, not the white gap
-    assert all(sheet[r * 40:r * 40 + 32, :32].std() > 0 for r in range(3))
+    assert all(sheet[r * 40 : r * 40 + 32, :32].std() > 0 for r in range(3))
 
 
 def test_figure_4_queries_validation_images_against_training_images(shard_set, checkpoint):
@@ -62,8 +61,13 @@ def test_figure_4_queries_validation_images_against_training_images(shard_set, c
     def index(split):
         shards, items = val_items(shard_set, meta, split)
         with torch.no_grad():
-            return embed_all(shards.root, items, lambda x: model.forward_with_embedding(torch.from_numpy(x))[1],
-                             batch=16, split=split)
+            return embed_all(
+                shards.root,
+                items,
+                lambda x: model.forward_with_embedding(torch.from_numpy(x))[1],
+                batch=16,
+                split=split,
+            )
 
     train, val = index("train"), index("val")
     rows = figure4_rows(train, val, queries=5, neighbours=6)
@@ -71,7 +75,8 @@ def test_figure_4_queries_validation_images_against_training_images(shard_set, c
     for query, found in rows:
         assert query.startswith("val/") and len(found) == 6 and all(f.startswith("train/") for f in found)
         q = val.origins.index(query)
-        distances = torch.tensor([float(torch.dist(val.vectors[q], train.vectors[train.origins.index(f)]))
-                                  for f in found])
+        distances = torch.tensor(
+            [float(torch.dist(val.vectors[q], train.vectors[train.origins.index(f)])) for f in found]
+        )
         nearest = (train.vectors - val.vectors[q]).norm(dim=1).sort().values[:6]  # the 6 nearest of all
         assert torch.allclose(distances, nearest, rtol=1e-4)

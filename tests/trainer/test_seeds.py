@@ -1,11 +1,18 @@
 """The one per-epoch, per-rank seed function (trainer/seeds.py `epoch_seed`) that both input
-back-ends and the per-rank RNG streams derive from."""
+back-ends and the per-rank RNG streams derive from, and the per-rank streams themselves
+(seeded, captured into a checkpoint, restored)."""
 
 from __future__ import annotations
 
-import pytest
+import random
 
-from trainer.seeds import SEED_MODULUS, epoch_seed
+import numpy as np
+import pytest
+import torch
+
+from trainer.seeds import SEED_MODULUS, capture_rng, epoch_seed, restore_rng, seed_rank
+
+CPU = [torch.device("cpu")]
 
 
 def test_epoch_seed_depends_on_run_epoch_rank_and_stream_only():
@@ -26,3 +33,17 @@ def test_epoch_seed_is_fixed_forever():
 
 
 PINNED = [1112289629, 1945763902, 1707620697]
+
+
+def test_rank_streams_differ_and_restore_exactly():
+    seed_rank(0, rank=0)
+    a = torch.rand(5), np.random.rand(), random.random()
+    seed_rank(0, rank=1)
+    b = torch.rand(5), np.random.rand(), random.random()
+    assert not torch.equal(a[0], b[0]) and a[1] != b[1] and a[2] != b[2]
+    state = capture_rng(CPU)
+    want = torch.rand(5), np.random.rand(), random.random(), np.random.randn()
+    torch.rand(100), np.random.rand(100), random.random()  # move on
+    restore_rng(state, CPU)
+    got = torch.rand(5), np.random.rand(), random.random(), np.random.randn()
+    assert torch.equal(want[0], got[0]) and want[1:] == got[1:]

@@ -11,12 +11,13 @@ import pytest
 import torch
 
 from pipeline.shard import run
+from pipeline.shardset import ShardSetError, open_shard_set
 from pipeline.transforms import eval_crops
 from tests.helpers import shard_config
 from tests.trainer.helpers import truth
-from pipeline.shardset import ShardSetError, open_shard_set
-from trainer.data import DataConfig
-from trainer.wds_loader import WdsLoader, epoch_order
+from trainer.loaders import DataConfig
+from trainer.wds_epoch import epoch_order
+from trainer.wds_loader import WdsLoader
 
 BATCH = 16
 
@@ -54,8 +55,9 @@ def test_batches_keep_the_dali_loaders_contract(shards):
     plain = next(iter(WdsLoader(shard_set, "val", DataConfig(mode="center", batch_size=4))))
     assert len(plain) == 2  # (images, labels) unless keys are asked for
     for dtype in (torch.float16, torch.bfloat16):
-        images, _ = next(iter(WdsLoader(shard_set, "val", DataConfig(mode="ten_crop", batch_size=4,
-                                                                       dtype=str(dtype).split(".")[1]))))
+        images, _ = next(
+            iter(WdsLoader(shard_set, "val", DataConfig(mode="ten_crop", batch_size=4, dtype=str(dtype).split(".")[1])))
+        )
         assert images.dtype == dtype and images.shape == (4, 10, 3, 227, 227)
 
 
@@ -98,8 +100,10 @@ def test_every_sample_once_per_epoch_for_any_number_of_ranks(counts):
     for world in range(1, total // BATCH + 1):
         for epoch in range(2):
             for shuffle in (True, False):
-                parts = [epoch_order(counts, seed=7, epoch=epoch, rank=r, world=world, shuffle=shuffle, window=50)
-                         for r in range(world)]
+                parts = [
+                    epoch_order(counts, seed=7, epoch=epoch, rank=r, world=world, shuffle=shuffle, window=50)
+                    for r in range(world)
+                ]
                 joined = np.concatenate(parts)
                 assert len(joined) == total and np.array_equal(np.sort(joined), np.arange(total))
                 assert max(map(len, parts)) - min(map(len, parts)) <= 1
@@ -110,16 +114,25 @@ def test_every_sample_once_per_epoch_for_any_number_of_ranks(counts):
 def test_batches_read_across_many_tiny_shards(flat_shards, tmp_path):
     """Batches whose samples span many shards (here one or three samples per tar) read the
     same samples as one big shard."""
-    reference = {k: img for images, _, keys in WdsLoader(flat_shards, "train", cfg(mode="center", num_threads=0))
-                 for img, k in zip(images, keys)}
+    reference = {
+        k: img
+        for images, _, keys in WdsLoader(flat_shards, "train", cfg(mode="center", num_threads=0))
+        for img, k in zip(images, keys)
+    }
     for per_shard in (1, 3):
-        run(shard_config(flat_shards.root.parent / "raw", tmp_path / str(per_shard), workers=1,
-                         samples_per_shard=per_shard))
+        run(
+            shard_config(
+                flat_shards.root.parent / "raw", tmp_path / str(per_shard), workers=1, samples_per_shard=per_shard
+            )
+        )
         tiny = open_shard_set(tmp_path / str(per_shard), 227)
         assert len(tiny.files("train")[0]) == -(-64 // per_shard)
         for mode in ("center", "train"):
-            got = {k: img for images, _, keys in WdsLoader(tiny, "train", cfg(mode=mode, num_threads=0))
-                   for img, k in zip(images, keys)}
+            got = {
+                k: img
+                for images, _, keys in WdsLoader(tiny, "train", cfg(mode=mode, num_threads=0))
+                for img, k in zip(images, keys)
+            }
             assert sorted(got) == sorted(reference)
             if mode == "center":
                 assert all(torch.equal(got[k], reference[k]) for k in got)
@@ -131,13 +144,14 @@ def test_shuffle_windows_and_shard_order():
     counts = [100] * 10
     a = epoch_order(counts, seed=1, epoch=0, rank=0, world=1, shuffle=True, window=100)
     b = epoch_order(counts, seed=1, epoch=1, rank=0, world=1, shuffle=True, window=100)
-    shard_blocks = [set(a[i:i + 100] // 100) for i in range(0, 1000, 100)]
+    shard_blocks = [set(a[i : i + 100] // 100) for i in range(0, 1000, 100)]
     assert all(len(s) == 1 for s in shard_blocks)  # window = one shard here: never mixed across
     assert [s.pop() for s in shard_blocks] != list(range(10))  # but the shards are reordered
     assert not np.array_equal(a, b)
     assert not np.array_equal(a[:100], np.sort(a[:100]))  # and shuffled within
-    assert np.array_equal(epoch_order(counts, seed=1, epoch=3, rank=0, world=1, shuffle=False, window=100),
-                          np.arange(1000))
+    assert np.array_equal(
+        epoch_order(counts, seed=1, epoch=3, rank=0, world=1, shuffle=False, window=100), np.arange(1000)
+    )
 
 
 def batches_of(loader) -> list[tuple[torch.Tensor, torch.Tensor, list[str]]]:
