@@ -1,10 +1,15 @@
 """Admission control: bounded work, and a fast, honest "no" beyond the bound.
 
-- `Admission` (ASGI middleware): at most `max_in_flight` image requests (/predict, /embed,
-  /similar) are served at once; one more gets 503 + Retry-After at once, before its body is
-  read. (The second bound is in images: a request reserves room for its crops in the
-  batcher before its body is read; serving.batcher.QueueFull, also 503 at once.)
-- `within_deadline`: an accepted request that is not answered within `request_timeout_s`
+An image request (/predict, /embed, /similar) is admitted only once its body is in (a slow
+upload holds no model capacity: serving.upload reads it within its deadline and the body
+memory), then holds, until it is answered:
+- `Admission.admit`: one of `max_in_flight` places; none left: 503 + Retry-After;
+- the batcher's room for its images (serving.batcher.reserve; none: QueueFull, 503);
+  `admitted` takes both (the image endpoints and the Open Inference Protocol's inference).
+- `refuse_now`: before reading a body, a request that could not be admitted right now gets
+  that 503 at once, its body unread (a full server spends nothing on it); one that passes
+  may still find the server full once its body is in.
+- `within_deadline`: an admitted request that is not answered within `request_timeout_s`
   gets 503 and its work is dropped (its room is released, its queued images are never run; a decode that has
   not started is cancelled; one already running finishes in its thread and is discarded).
 - `DecodePool`: at most `max_decodes` images decode at once, in their own threads.
@@ -13,57 +18,95 @@
 from __future__ import annotations
 
 import asyncio
-import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import TypeVar
 
-from starlette.types import ASGIApp, Receive, Scope, Send
-
+from serving.batcher import MicroBatcher, QueueFull
 from serving.errors import ApiError
 from serving.metrics import Metrics
 from serving.settings import Settings
+from serving.turns import Turns
 
-IMAGE_PATHS = frozenset({"/predict", "/embed", "/similar"})
 T = TypeVar("T")
 
 
-def overloaded(reason: str, detail: str, settings: Settings) -> ApiError:
-    return ApiError(503, "overloaded" if reason != "deadline" else "deadline_exceeded", detail,
-                    headers={"Retry-After": str(settings.retry_after_s)})
+def overloaded(reason: str, detail: str, settings: Settings, close: bool = False) -> ApiError:
+    headers = {"Retry-After": str(settings.retry_after_s)}
+    if close:
+        headers["Connection"] = "close"
+    return ApiError(503, "overloaded" if reason != "deadline" else "deadline_exceeded", detail, headers=headers)
 
 
 class Admission:
-    def __init__(self, app: ASGIApp, settings: Settings, metrics: Metrics):
-        self.app, self.settings, self.metrics = app, settings, metrics
+    """At most `max_in_flight` image requests admitted (body in, not yet answered) at once."""
+
+    def __init__(self, settings: Settings, metrics: Metrics):
+        self.settings, self.metrics = settings, metrics
         self.in_flight = 0
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] not in IMAGE_PATHS:
-            return await self.app(scope, receive, send)
-        if self.in_flight >= self.settings.max_in_flight:
-            self.metrics.rejected.labels("in_flight").inc()
-            return await self._refuse(scope, send)
+    @property
+    def full(self) -> bool:
+        return self.in_flight >= self.settings.max_in_flight
+
+    def refused(self, close: bool = False) -> ApiError:
+        self.metrics.rejected.labels("in_flight").inc()
+        return overloaded(
+            "in_flight",
+            f"{self.settings.max_in_flight} requests in flight, the most this server "
+            "takes; retry after the Retry-After seconds",
+            self.settings,
+            close,
+        )
+
+    @contextmanager
+    def admit(self) -> Iterator[None]:
+        if self.full:
+            raise self.refused()
         self.in_flight += 1
         self.metrics.in_flight.set(self.in_flight)
         try:
-            await self.app(scope, receive, send)
+            yield
         finally:
             self.in_flight -= 1
             self.metrics.in_flight.set(self.in_flight)
 
-    async def _refuse(self, scope: Scope, send: Send) -> None:
-        body = json.dumps({"error": "overloaded", "detail": f"{self.settings.max_in_flight} requests in flight, "
-                           "the most this server takes; retry after the Retry-After seconds"}).encode()
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                   (b"retry-after", str(self.settings.retry_after_s).encode())]
-        # The body is not read. Within the upload limit the server may skip it and keep the
-        # connection; a larger or unsized (chunked) one is not worth reading: close.
-        length = dict(scope["headers"]).get(b"content-length", b"")
-        if not (length.isdigit() and int(length) <= self.settings.max_upload_bytes):
-            headers.append((b"connection", b"close"))
-        await send({"type": "http.response.start", "status": 503, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+
+@contextmanager
+def admitted(admission: Admission, batcher: MicroBatcher, images: int) -> Iterator[None]:
+    """A request whose body is in: a place in flight and the batcher's room for its `images`,
+    both held until the block ends; else 503 at once."""
+    with admission.admit():
+        try:
+            room = batcher.reserve(images)
+        except QueueFull as exc:
+            admission.metrics.rejected.labels("queue_full").inc()
+            raise overloaded(
+                "queue_full", f"the server is full ({exc}); retry after the Retry-After seconds", admission.settings
+            ) from None
+        with room:
+            yield
+
+
+def refuse_now(admission: Admission, batcher: MicroBatcher, images: int, headers: Mapping[str, str]) -> None:
+    """503 at once, before the body is read, if the request could not be admitted now."""
+    settings = admission.settings
+    # The body is not read. Within the upload limit the server may skip it and keep the
+    # connection; a larger or unsized (chunked) one is not worth reading: close.
+    length = headers.get("content-length", "")
+    close = not (length.isdigit() and int(length) <= settings.max_upload_bytes)
+    if admission.full:
+        raise admission.refused(close)
+    if not batcher.has_room(images):
+        admission.metrics.rejected.labels("queue_full").inc()
+        raise overloaded(
+            "queue_full",
+            f"the server is full ({batcher.reserved} images on their way, room for "
+            f"{batcher.max_queue_images}); retry after the Retry-After seconds",
+            settings,
+            close,
+        )
 
 
 async def within_deadline(work: Awaitable[T], settings: Settings, metrics: Metrics) -> T:
@@ -72,20 +115,34 @@ async def within_deadline(work: Awaitable[T], settings: Settings, metrics: Metri
         return await asyncio.wait_for(work, settings.request_timeout_s)
     except asyncio.TimeoutError:
         metrics.rejected.labels("deadline").inc()
-        raise overloaded("deadline", f"not answered within the {settings.request_timeout_s:g} s deadline "
-                                     "(the server is busy); the request's work was dropped", settings) from None
+        raise overloaded(
+            "deadline",
+            f"not answered within the {settings.request_timeout_s:g} s deadline "
+            "(the server is busy); the request's work was dropped",
+            settings,
+        ) from None
 
 
 class DecodePool:
-    """At most `workers` decodes run at once; the others wait, cancellable, in the pool's queue."""
+    """At most `workers` decodes run at once; the others wait, cancellable, in the pool's queue.
+    With `turns` (serving.turns), a decode runs only while no forward pass does."""
 
-    def __init__(self, workers: int):
+    def __init__(self, workers: int, turns: Turns | None = None):
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode")
+        self._turns = turns if turns is not None else Turns(enabled=False)
 
     async def run(self, fn: Callable[..., T], *args) -> T:
         # Cancelling the awaiting request cancels a decode that has not started; one that has
         # keeps its thread (and so its place in the bound) until it ends.
-        return await asyncio.wrap_future(self._pool.submit(fn, *args))
+        self._turns.submitted()
+        try:
+            return await asyncio.wrap_future(self._pool.submit(self._in_turn, fn, *args))
+        finally:  # on the event loop, as the request goes on to the batcher
+            self._turns.finished()
+
+    def _in_turn(self, fn: Callable[..., T], *args) -> T:
+        with self._turns.decode():
+            return fn(*args)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

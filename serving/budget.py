@@ -26,11 +26,23 @@ _BYTES_PER_PIXEL = {
     "L": 2,  # 1 byte decoded, resized as it is
     "1": 4,  # 1 byte decoded, converted to L to be filtered
     "P": 8,  # 1 byte decoded, then converted to RGB (4) to be filtered
-    "RGB": 8, "YCbCr": 8, "LAB": 8, "HSV": 8,  # 4 bytes decoded (Pillow pads RGB), resized as they are
+    "RGB": 8,
+    "YCbCr": 8,
+    "LAB": 8,
+    "HSV": 8,  # 4 bytes decoded (Pillow pads RGB), resized as they are
     "CMYK": 20,  # a CMYK JPEG: 4 bytes decoded, then inverted and converted to RGB
-    "LA": 14, "La": 14, "PA": 14, "RGBA": 14, "RGBa": 14, "RGBX": 14,  # composited on a background
-    "I;16": 4, "I;16B": 4, "I;16L": 4, "I;16N": 4,  # 2 bytes decoded, resized in their own depth
-    "I": 8, "F": 8,  # 4 bytes decoded, resized in their own depth
+    "LA": 14,
+    "La": 14,
+    "PA": 14,
+    "RGBA": 14,
+    "RGBa": 14,
+    "RGBX": 14,  # composited on a background
+    "I;16": 4,
+    "I;16B": 4,
+    "I;16L": 4,
+    "I;16N": 4,  # 2 bytes decoded, resized in their own depth
+    "I": 8,
+    "F": 8,  # 4 bytes decoded, resized in their own depth
 }
 _UNKNOWN_MODE = 16
 _ALPHA = 14  # a palette or greyscale image with a transparent colour is composited like RGBA

@@ -1,5 +1,7 @@
 """Every client error is a JSON body {"error": ..., "detail": ...} with a 4xx (or a 503
-under overload); the server stays up. `install(app)` registers the handlers."""
+under overload); the server stays up. Under /v2 (the Open Inference Protocol, serving.oip)
+the body is that protocol's error shape, {"error": "<message>"}, with the same status.
+`install(app)` registers the handlers."""
 
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ class ApiError(Exception):
         self.status, self.error, self.detail, self.headers = status, error, detail, headers
 
     @classmethod
-    def from_image_error(cls, exc: ImageError) -> "ApiError":
+    def from_image_error(cls, exc: ImageError) -> ApiError:
         return cls(IMAGE_ERROR_STATUS.get(exc.kind, 400), exc.kind, exc.reason)
 
 
@@ -28,20 +30,27 @@ def error_response(status: int, error: str, detail, headers: dict[str, str] | No
     return JSONResponse({"error": error, "detail": detail}, status_code=status, headers=headers)
 
 
+def _answer(request: Request, status: int, error: str, detail, headers: dict[str, str] | None = None) -> JSONResponse:
+    path = request.url.path
+    if path == "/v2" or path.startswith("/v2/"):  # the Open Inference Protocol's error shape
+        return JSONResponse({"error": str(detail)}, status_code=status, headers=headers)
+    return error_response(status, error, detail, headers)
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError):
-        return error_response(exc.status, exc.error, exc.detail, exc.headers)
+        return _answer(request, exc.status, exc.error, exc.detail, exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):
         detail = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
-        return error_response(422, "invalid_request", detail)
+        return _answer(request, 422, "invalid_request", detail)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
-        return error_response(exc.status_code, "http_error", str(exc.detail), getattr(exc, "headers", None))
+        return _answer(request, exc.status_code, "http_error", str(exc.detail), getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception):
-        return error_response(500, "internal_error", "the server failed on this request; it is still up")
+        return _answer(request, 500, "internal_error", "the server failed on this request; it is still up")

@@ -46,8 +46,9 @@ class Indexer:
         in service, if any (a failed rebuild leaves the previous index in service)."""
         out: dict = {"state": self.state}
         if self.index is not None:
-            out.update(size=len(self.index.keys), source=self.index.source,
-                       truncated=len(self.index.keys) >= self._max_images)
+            out.update(
+                size=len(self.index.keys), source=self.index.source, truncated=len(self.index.keys) >= self._max_images
+            )
         if self.error:
             out["error"] = self.error
         return out
@@ -67,8 +68,11 @@ class Indexer:
             elif not target.is_dir():
                 raise FileNotFoundError(f"{path} is neither a folder nor a shard set")
         except OutsideRoots:
-            raise ApiError(403, "forbidden_path", "that path (or a file it names) is outside the roots this "
-                                                  "server indexes on request") from None
+            raise ApiError(
+                403,
+                "forbidden_path",
+                "that path (or a file it names) is outside the roots this server indexes on request",
+            ) from None
         except (OSError, ValueError, KeyError) as exc:
             raise ApiError(400, "cannot_index", str(exc)) from None
         self._launch(target, split, roots)
@@ -95,8 +99,9 @@ class Indexer:
     async def _build(self, target: Path, split: str, roots: list[Path], stop: threading.Event) -> None:
         predictor = self._predictor()
         try:
-            index = await asyncio.to_thread(build_index, target, predictor, split, self._batch,
-                                          self._max_images, roots, stop)
+            index = await asyncio.to_thread(
+                build_index, target, predictor, split, self._batch, self._max_images, roots, stop
+            )
         except Cancelled:
             return
         except Exception as exc:

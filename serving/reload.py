@@ -25,10 +25,12 @@ log = logging.getLogger("serving")
 async def watch_checkpoints(app: FastAPI, settings: Settings) -> None:
     from trainer.checkpoint import latest_checkpoint
 
+    run_dir = settings.run_dir
+    assert run_dir is not None  # create_app watches only a run folder
     failed: set[Path] = set()
     while True:
         await asyncio.sleep(settings.watch_s)
-        newest = await asyncio.to_thread(latest_checkpoint, settings.run_dir)
+        newest = await asyncio.to_thread(latest_checkpoint, run_dir)
         current: Predictor = app.state.predictor
         if newest is None or newest.resolve() == current.path or newest in failed:
             continue

@@ -61,8 +61,15 @@ def _folder_items(folder: Path, predictor, roots: Sequence[Path]) -> Iterator[It
             log.warning("not indexed: %s: %s", path, exc.reason)
 
 
-def build_index(path: Path, predictor, split: str = "val", batch: int | None = None, limit: int | None = None,
-                roots: Sequence[Path] | None = None, stop: threading.Event | None = None) -> Index:
+def build_index(
+    path: Path,
+    predictor,
+    split: str = "val",
+    batch: int | None = None,
+    limit: int | None = None,
+    roots: Sequence[Path] | None = None,
+    stop: threading.Event | None = None,
+) -> Index:
     """Embed every image under `path` (a folder, or a shard set's `split`), `batch` images per
     forward pass (default: the service's max_batch), reading only under `roots` (default:
     `path` itself). Raises Cancelled once `stop` is set."""
@@ -75,5 +82,6 @@ def build_index(path: Path, predictor, split: str = "val", batch: int | None = N
         items = _folder_items(path, predictor, roots)
     else:
         raise FileNotFoundError(f"nothing to index at {path}")
-    return embed_all(path, items, lambda crops: predictor.forward(crops)[1], batch=batch, split=split,
-                     limit=limit, stop=stop)
+    return embed_all(
+        path, items, lambda crops: predictor.forward(crops)[1], batch=batch, split=split, limit=limit, stop=stop
+    )

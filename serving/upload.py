@@ -1,4 +1,5 @@
-"""The image in a request body, read within the upload limit while it streams.
+"""The image in a request body, read within the upload limit, the body deadline and the
+memory all bodies may hold, while it streams.
 
 Two body shapes: a raw `image/*` (or application/octet-stream) body, and multipart/form-data
 with the image in the field "file". Either may come with a Content-Length or chunked. The
@@ -7,18 +8,33 @@ reading, and a body that passes it mid-stream is refused at that chunk; either w
 `Connection: close`, so the server stops reading. Multipart is parsed here, in memory
 (python-multipart's streaming parser): the file part is capped at the limit, other fields
 at MAX_FORM_FIELD_BYTES, parts at MAX_FORM_PARTS; nothing is spooled to disk.
+
+The whole body must arrive within `body_timeout_s` (from when the app starts reading it,
+right after the headers): else 408 and `Connection: close` (alexnet_dropped_connections_total
+{reason="body_timeout"}). `BodyMemory` bounds what all bodies hold together
+(`max_body_memory_bytes`): each request takes its bytes as they arrive and gives them back
+when it is answered; a chunk that does not fit gets 503 + Retry-After at once and the
+connection closed. Bytes are taken as they arrive, not as a Content-Length promises them, so
+a client that announces a large body and sends it slowly holds next to nothing.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 from fastapi import Request
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from serving.errors import ApiError
+from serving.metrics import Metrics
 from serving.settings import MAX_FORM_FIELD_BYTES, MAX_FORM_PARTS, MULTIPART_OVERHEAD_BYTES, Settings
+
+if TYPE_CHECKING:
+    from python_multipart.multipart import MultipartCallbacks
 
 RAW_TYPES = ("image/", "application/octet-stream")
 FILE_FIELD = b"file"
@@ -28,32 +44,102 @@ def too_large(detail: str) -> ApiError:
     return ApiError(413, "payload_too_large", detail, headers={"Connection": "close"})
 
 
-async def read_image(request: Request, settings: Settings) -> bytearray:
-    """The image's bytes (one buffer, filled as the body arrives: never assembled twice)."""
+class BodyMemory:
+    """The bytes of request bodies held in memory at once, all requests together."""
+
+    def __init__(self, settings: Settings, metrics: Metrics):
+        self.settings, self.metrics = settings, metrics
+        self.held = 0
+
+    @contextmanager
+    def share(self) -> Iterator[BodyShare]:
+        """One request's share, given back when the block exits (the request is answered)."""
+        share = BodyShare(self)
+        try:
+            yield share
+        finally:
+            self._add(-share.bytes)
+
+    def _add(self, n: int) -> None:
+        self.held += n
+        self.metrics.body_bytes.set(self.held)
+
+
+class BodyShare:
+    def __init__(self, memory: BodyMemory):
+        self.memory, self.bytes = memory, 0
+
+    def take(self, n: int) -> None:
+        memory = self.memory
+        if memory.held + n > memory.settings.max_body_memory_bytes:
+            memory.metrics.rejected.labels("body_memory").inc()
+            raise ApiError(
+                503,
+                "overloaded",
+                f"the server holds {memory.held:,} bytes of uploads, the most it takes "
+                "at once; retry after the Retry-After seconds",
+                headers={"Retry-After": str(memory.settings.retry_after_s), "Connection": "close"},
+            )
+        memory._add(n)
+        self.bytes += n
+
+
+async def read_image(request: Request, settings: Settings, share: BodyShare, metrics: Metrics) -> bytearray:
+    """The image's bytes (one buffer, filled as the body arrives: never assembled twice),
+    within the upload limit, the body deadline and the body memory."""
     limit = settings.max_upload_bytes
     ctype = request.headers.get("content-type", "")
     multipart = ctype.lower().startswith("multipart/form-data")
     if not multipart and not ctype.lower().startswith(RAW_TYPES):
-        raise ApiError(415, "unsupported_media_type",
-                       f"send an image as multipart/form-data (field 'file') or as a raw image/* body, "
-                       f"not {ctype or 'no content type'}")
+        raise ApiError(
+            415,
+            "unsupported_media_type",
+            f"send an image as multipart/form-data (field 'file') or as a raw image/* body, "
+            f"not {ctype or 'no content type'}",
+        )
     cap = limit + MULTIPART_OVERHEAD_BYTES if multipart else limit
-    length = request.headers.get("content-length", "")
-    if length.isdigit() and int(length) > cap:
-        raise too_large(f"upload of {int(length):,} bytes; the limit is {limit:,}")
-    stream = _limited(request.stream(), cap, limit)
-    data = await (_multipart_file(stream, ctype, limit) if multipart else _raw(stream))
+    stream = _limited(_announced(request, cap, limit), cap, limit, share)
+    data = await _in_time(_multipart_file(stream, ctype, limit) if multipart else _raw(stream), settings, metrics)
     if not data:
         raise ApiError(400, "empty_body", "the request carried no image bytes")
     return data
 
 
-async def _limited(stream: AsyncIterator[bytes], cap: int, limit: int) -> AsyncIterator[bytes]:
+async def read_body(request: Request, settings: Settings, share: BodyShare, metrics: Metrics) -> bytearray:
+    """A whole body of any type (an Open Inference Protocol request: JSON, or JSON followed by
+    binary tensors), within the upload limit, the body deadline and the body memory."""
+    limit = settings.max_upload_bytes
+    return await _in_time(_raw(_limited(_announced(request, limit, limit), limit, limit, share)), settings, metrics)
+
+
+def _announced(request: Request, cap: int, limit: int) -> AsyncIterator[bytes]:
+    """The body's stream, once its Content-Length (if any) is within `cap`."""
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > cap:
+        raise too_large(f"upload of {int(length):,} bytes; the limit is {limit:,}")
+    return request.stream()
+
+
+async def _in_time(reading: Awaitable[bytearray], settings: Settings, metrics: Metrics) -> bytearray:
+    try:
+        return await asyncio.wait_for(reading, settings.body_timeout_s)
+    except asyncio.TimeoutError:
+        metrics.dropped_connections.labels("body_timeout").inc()
+        raise ApiError(
+            408,
+            "request_timeout",
+            f"the request's body did not arrive within {settings.body_timeout_s:g} s",
+            headers={"Connection": "close"},
+        ) from None
+
+
+async def _limited(stream: AsyncIterator[bytes], cap: int, limit: int, share: BodyShare) -> AsyncIterator[bytes]:
     size = 0
     async for chunk in stream:
         size += len(chunk)
         if size > cap:
             raise too_large(f"body over the limit of {limit:,} bytes")
+        share.take(len(chunk))
         yield chunk
 
 
@@ -95,10 +181,15 @@ class _FormState:
         self._target: bytearray | None = None  # the file being filled, or None for another field
         self._field_size = 0
 
-    def callbacks(self) -> dict:
-        return {"on_part_begin": self._part_begin, "on_header_field": self._header_field_data,
-                "on_header_value": self._header_value_data, "on_header_end": self._header_end,
-                "on_headers_finished": self._headers_finished, "on_part_data": self._part_data}
+    def callbacks(self) -> MultipartCallbacks:
+        return {
+            "on_part_begin": self._part_begin,
+            "on_header_field": self._header_field_data,
+            "on_header_value": self._header_value_data,
+            "on_header_end": self._header_end,
+            "on_headers_finished": self._headers_finished,
+            "on_part_data": self._part_data,
+        }
 
     def _part_begin(self) -> None:
         self.parts += 1

@@ -37,23 +37,32 @@ TOKEN = "alexnet-test-token-0123"
 
 
 def serving_env(**settings) -> dict:
-    """This environment without any ALEXNET_* of the caller's, plus `settings` as ALEXNET_*."""
+    """This environment without any ALEXNET_* of the caller's, plus `settings` as ALEXNET_*.
+    The answer deadline is 120 s unless a test sets its own: the suite's servers share two
+    cores with trainings and other servers, where a forward pass can outlast the default 10 s."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("ALEXNET_")}
-    env.update({f"ALEXNET_{k.upper()}": str(v) for k, v in settings.items()})
+    env.update({f"ALEXNET_{k.upper()}": str(v) for k, v in {"request_timeout_s": 120, **settings}.items()})
     return env
 
 
 @contextmanager
-def running_server(args: list[str], log: Path, env: dict | None = None, python: str = sys.executable,
-                   cwd: Path = REPO):
-    """`python -m serving ARGS` on a free port; yields its URL once /ready answers 200."""
+def running_server(args: list[str], log: Path, env: dict | None = None, python: str = sys.executable, cwd: Path = REPO):
+    """`python -m serving ARGS` on a free port; yields its URL once /ready answers 200. Its gRPC
+    server gets a free port too, unless ARGS name one (--grpc-port) or turn it off (--no-grpc)."""
     port = free_port()
+    if "--grpc-port" not in args and "--no-grpc" not in args:
+        args = [*args, "--grpc-port", str(free_port())]
     with open(log, "w") as out:
-        proc = subprocess.Popen([python, "-m", "serving", *args, "--port", str(port)], cwd=cwd,
-                                env=env or serving_env(), stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [python, "-m", "serving", *args, "--port", str(port)],
+            cwd=cwd,
+            env=env or serving_env(),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 300  # --backend onnxruntime exports at load: minutes on a busy 2-core machine
         while True:
             try:
                 if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
@@ -94,8 +103,9 @@ def metric(url: str, name: str, labels: str = "") -> float:
     return float(next(line.rsplit(" ", 1)[1] for line in text.splitlines() if line.startswith(prefix)))
 
 
-def stream(url: str, ctype: str, body: Iterator[bytes], content_length: int | None = None,
-           path: str = "/predict") -> tuple[int, int, bytes]:
+def stream(
+    url: str, ctype: str, body: Iterator[bytes], content_length: int | None = None, path: str = "/predict"
+) -> tuple[int, int, bytes]:
     """POST `path` with `body` sent chunk by chunk on a raw socket (chunked transfer encoding
     unless a Content-Length is given), stopping as soon as the server answers or closes.
     -> (status, body bytes sent, response bytes)."""
@@ -103,8 +113,7 @@ def stream(url: str, ctype: str, body: Iterator[bytes], content_length: int | No
     sock = socket.create_connection((parts.hostname, parts.port), timeout=30)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, CHUNK)
     framing = f"Content-Length: {content_length}" if content_length is not None else "Transfer-Encoding: chunked"
-    sock.sendall(f"POST {path} HTTP/1.1\r\nHost: {parts.netloc}\r\nContent-Type: {ctype}\r\n{framing}\r\n\r\n"
-                 .encode())
+    sock.sendall(f"POST {path} HTTP/1.1\r\nHost: {parts.netloc}\r\nContent-Type: {ctype}\r\n{framing}\r\n\r\n".encode())
     sent = 0
     try:
         for chunk in body:
@@ -137,6 +146,7 @@ def _complete(response: bytes) -> bool:
     head, sep, body = response.partition(b"\r\n\r\n")
     if not sep:
         return False
-    length = next((int(line.split(b":", 1)[1]) for line in head.lower().split(b"\r\n")
-                   if line.startswith(b"content-length:")), 0)
+    length = next(
+        (int(line.split(b":", 1)[1]) for line in head.lower().split(b"\r\n") if line.startswith(b"content-length:")), 0
+    )
     return len(body) >= length

@@ -34,9 +34,15 @@ def tree(index_roots, tmp_path_factory):
     shards.mkdir()
     # A manifest contract 1's reader accepts (pipeline.shardset), whose files lie outside.
     escape = f"../../{outside.name}/x"
-    (shards / MANIFEST).write_text(json.dumps(
-        {"format": FORMAT, "format_version": FORMAT_VERSION,
-         "splits": {"val": {"shards": [{"tar": f"{escape}.tar", "idx": f"{escape}.idx"}]}}}))
+    (shards / MANIFEST).write_text(
+        json.dumps(
+            {
+                "format": FORMAT,
+                "format_version": FORMAT_VERSION,
+                "splits": {"val": {"shards": [{"tar": f"{escape}.tar", "idx": f"{escape}.idx"}]}},
+            }
+        )
+    )
     (index_roots / "empty").mkdir()
     return index_roots
 
@@ -57,7 +63,13 @@ def wait_state(url: str, *states: str, timeout: float = 120) -> dict:
 
 def test_paths_outside_the_roots_are_refused(guarded, tree):
     url, _ = guarded
-    for path in ("/etc", tree / "linkdir", tree / "shards", tree / ".." / tree.name / ".." , tree / "good" / ".." / ".."):
+    for path in (
+        "/etc",
+        tree / "linkdir",
+        tree / "shards",
+        tree / ".." / tree.name / "..",
+        tree / "good" / ".." / "..",
+    ):
         r = index(url, path)
         assert r.status_code == 403 and r.json()["error"] == "forbidden_path", (path, r.text)
         assert str(tree) not in r.text  # the reason, without echoing server paths back
@@ -75,11 +87,17 @@ def test_index_builds_off_the_request_path_one_at_a_time(guarded, tree):
     assert second.status_code == 409 and second.json()["error"] == "index_busy"
     assert httpx.get(f"{url}/ready").json()["index"] == {"state": "building"}
     state = wait_state(url, "ready", "failed")
-    assert state == {"state": "ready", "size": IMAGES, "source": "good", "truncated": False}  # the symlink out was skipped
+    assert state == {
+        "state": "ready",
+        "size": IMAGES,
+        "source": "good",
+        "truncated": False,
+    }  # the symlink out was skipped
     assert "escape.jpg resolves outside the allowed roots" in log.read_text()
     assert httpx.get(f"{url}/ready").json()["index"] == {"state": "ready", "size": IMAGES}
-    r = httpx.post(f"{url}/similar", params={"k": 3}, content=jpeg(), headers={"content-type": "image/jpeg", **AUTH},
-                   timeout=60)
+    r = httpx.post(
+        f"{url}/similar", params={"k": 3}, content=jpeg(), headers={"content-type": "image/jpeg", **AUTH}, timeout=60
+    )
     assert r.status_code == 200 and len(r.json()["neighbours"]) == 3
     assert all(not n["source"].startswith("/") for n in r.json()["neighbours"])  # relative to the root
 

@@ -50,13 +50,16 @@ def serving_only_python(tmp: Path) -> str:
 @pytest.mark.slow
 def test_a_serving_only_install_starts_and_predicts(checkpoint, tmp_path):
     py = serving_only_python(tmp_path)
-    probe = ("import importlib.util, json, serving\n"
-             "def has(m):\n"
-             "    try: return importlib.util.find_spec(m) is not None\n"
-             "    except ModuleNotFoundError: return False\n"
-             f"print(json.dumps({{'absent': [m for m in {HEAVY!r} if not has(m)], 'at': serving.__file__}}))")
-    facts = json.loads(subprocess.run([py, "-c", probe], cwd=tmp_path, capture_output=True, text=True,
-                                      check=True).stdout)
+    probe = (
+        "import importlib.util, json, serving\n"
+        "def has(m):\n"
+        "    try: return importlib.util.find_spec(m) is not None\n"
+        "    except ModuleNotFoundError: return False\n"
+        f"print(json.dumps({{'absent': [m for m in {HEAVY!r} if not has(m)], 'at': serving.__file__}}))"
+    )
+    facts = json.loads(
+        subprocess.run([py, "-c", probe], cwd=tmp_path, capture_output=True, text=True, check=True).stdout
+    )
     assert facts["absent"] == list(HEAVY)  # none of them installed, so none can be imported
     assert not facts["at"].startswith(str(REPO))  # the installed package, not this tree
     # A run folder whose newest registered checkpoint is ours (the serving path's lookup).

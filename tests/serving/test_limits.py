@@ -30,8 +30,7 @@ BOUNDARY = "alexnetboundary"
 
 def multipart_head(name: str = "file", filename: str | None = "x.jpg") -> bytes:
     disposition = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename else "")
-    return (f"--{BOUNDARY}\r\nContent-Disposition: {disposition}\r\nContent-Type: image/jpeg\r\n\r\n"
-            .encode()) + jpeg()
+    return (f"--{BOUNDARY}\r\nContent-Disposition: {disposition}\r\nContent-Type: image/jpeg\r\n\r\n".encode()) + jpeg()
 
 
 MULTIPART = f"multipart/form-data; boundary={BOUNDARY}"
@@ -39,9 +38,11 @@ MULTIPART = f"multipart/form-data; boundary={BOUNDARY}"
 
 @pytest.mark.parametrize("shape", ["chunked raw", "chunked multipart", "chunked multipart form field"])
 def test_a_streamed_body_over_the_limit_gets_413_and_the_server_stops_reading(server, shape):
-    ctype, prefix = {"chunked raw": ("image/jpeg", jpeg()),
-                     "chunked multipart": (MULTIPART, multipart_head()),
-                     "chunked multipart form field": (MULTIPART, multipart_head("note", None))}[shape]
+    ctype, prefix = {
+        "chunked raw": ("image/jpeg", jpeg()),
+        "chunked multipart": (MULTIPART, multipart_head()),
+        "chunked multipart form field": (MULTIPART, multipart_head("note", None)),
+    }[shape]
     status, sent, response = stream(server, ctype, endless(prefix))
     assert status == 413, response
     assert b"payload_too_large" in response and b"connection: close" in response.lower()
@@ -56,15 +57,21 @@ def test_a_multipart_content_length_over_the_limit_is_refused_before_reading(ser
 
 def test_multipart_within_the_limit_and_too_many_parts(server):
     image = jpeg()
-    ok = httpx.post(f"{server}/predict", files={"file": ("x.jpg", image, "image/jpeg")},
-                    data={"note": "hello"}, timeout=60)
+    ok = httpx.post(
+        f"{server}/predict", files={"file": ("x.jpg", image, "image/jpeg")}, data={"note": "hello"}, timeout=60
+    )
     assert ok.status_code == 200, ok.text
     # A file part just over the limit, inside a body the framing allowance would still admit.
-    over = httpx.post(f"{server}/predict", files={"file": ("x.jpg", image + bytes(UPLOAD_LIMIT), "image/jpeg")},
-                      timeout=60)
+    over = httpx.post(
+        f"{server}/predict", files={"file": ("x.jpg", image + bytes(UPLOAD_LIMIT), "image/jpeg")}, timeout=60
+    )
     assert over.status_code == 413 and over.json()["error"] == "payload_too_large"
-    many = httpx.post(f"{server}/predict", files={"file": ("x.jpg", image, "image/jpeg")},
-                      data={f"f{i}": "x" for i in range(20)}, timeout=60)
+    many = httpx.post(
+        f"{server}/predict",
+        files={"file": ("x.jpg", image, "image/jpeg")},
+        data={f"f{i}": "x" for i in range(20)},
+        timeout=60,
+    )
     assert many.status_code == 413 and "parts" in many.json()["detail"]
 
 

@@ -19,8 +19,9 @@ from PIL import Image
 from serving.app import create_app
 from serving.settings import Settings
 from tests.helpers import REPO
-from tests.serving.helpers import UPLOAD_LIMIT, encode, jpeg
-from trainer.checkpoint import CheckpointError, load_model
+from tests.serving.helpers import UPLOAD_LIMIT, encode, jpeg, serving_env
+from trainer.checkpoint import load_model
+from trainer.checkpoint_meta import CheckpointError
 
 
 def post(url: str, data: bytes, ctype: str = "image/jpeg", **params) -> httpx.Response:
@@ -50,7 +51,8 @@ def test_parity_with_the_trainers_eval_path(server, shard_set, sample_root, chec
     (DALI val pipeline on the sharded image + the same checkpoint) computes."""
     pytest.importorskip("nvidia.dali", reason="the trainer's eval path needs DALI (not in a serving-only install)")
     from pipeline.shardset import open_shard_set
-    from trainer.data import DaliLoader, DataConfig
+    from trainer.dali_loader import DaliLoader
+    from trainer.loaders import DataConfig
 
     shards = open_shard_set(shard_set[0])
     model, meta = load_model(checkpoint)
@@ -76,22 +78,25 @@ def animated() -> bytes:
     return encode(frames[0], "PNG", save_all=True, append_images=frames[1:])
 
 
-@pytest.mark.parametrize("name,data,ctype,params,status,error", [
-    ("empty body", b"", "image/jpeg", {}, 400, "empty_body"),
-    ("not an image", b"certainly not a picture" * 10, "image/jpeg", {}, 400, "invalid_image"),
-    ("truncated", jpeg()[:400], "image/jpeg", {}, 400, "invalid_image"),
-    ("wrong content type", jpeg(), "text/plain", {}, 415, "unsupported_media_type"),
-    ("oversize", b"\xff\xd8" + bytes(UPLOAD_LIMIT + 10), "image/jpeg", {}, 413, "payload_too_large"),
-    ("decompression bomb", bomb(), "image/png", {}, 413, "too_large"),
-    ("absurd dimensions", encode(Image.new("L", (30_000, 2)), "PNG"), "image/png", {}, 413, "too_large"),
-    ("gif", encode(Image.new("P", (64, 64)), "GIF"), "image/gif", {}, 415, "unsupported_format"),
-    ("tiff", encode(Image.new("RGB", (64, 64)), "TIFF"), "image/tiff", {}, 415, "unsupported_format"),
-    ("animated png", animated(), "image/png", {}, 415, "unsupported_format"),
-    ("k too large", jpeg(), "image/jpeg", {"k": 11}, 400, "invalid_k"),
-    ("k zero", jpeg(), "image/jpeg", {"k": 0}, 400, "invalid_k"),
-    ("k not a number", jpeg(), "image/jpeg", {"k": "five"}, 422, "invalid_request"),
-    ("crops 3", jpeg(), "image/jpeg", {"crops": 3}, 400, "invalid_crops"),
-])
+@pytest.mark.parametrize(
+    "name,data,ctype,params,status,error",
+    [
+        ("empty body", b"", "image/jpeg", {}, 400, "empty_body"),
+        ("not an image", b"certainly not a picture" * 10, "image/jpeg", {}, 400, "invalid_image"),
+        ("truncated", jpeg()[:400], "image/jpeg", {}, 400, "invalid_image"),
+        ("wrong content type", jpeg(), "text/plain", {}, 415, "unsupported_media_type"),
+        ("oversize", b"\xff\xd8" + bytes(UPLOAD_LIMIT + 10), "image/jpeg", {}, 413, "payload_too_large"),
+        ("decompression bomb", bomb(), "image/png", {}, 413, "too_large"),
+        ("absurd dimensions", encode(Image.new("L", (30_000, 2)), "PNG"), "image/png", {}, 413, "too_large"),
+        ("gif", encode(Image.new("P", (64, 64)), "GIF"), "image/gif", {}, 415, "unsupported_format"),
+        ("tiff", encode(Image.new("RGB", (64, 64)), "TIFF"), "image/tiff", {}, 415, "unsupported_format"),
+        ("animated png", animated(), "image/png", {}, 415, "unsupported_format"),
+        ("k too large", jpeg(), "image/jpeg", {"k": 11}, 400, "invalid_k"),
+        ("k zero", jpeg(), "image/jpeg", {"k": 0}, 400, "invalid_k"),
+        ("k not a number", jpeg(), "image/jpeg", {"k": "five"}, 422, "invalid_request"),
+        ("crops 3", jpeg(), "image/jpeg", {"crops": 3}, 400, "invalid_crops"),
+    ],
+)
 def test_bad_input_gets_a_4xx_json_error_and_the_server_stays_up(server, name, data, ctype, params, status, error):
     r = post(server, data, ctype, **params)
     assert r.status_code == status, (name, r.text)
@@ -125,14 +130,27 @@ def test_health_ready_docs_page_and_metrics(server, checkpoint):
     assert "<script>" in page and "http://" not in page and "https://" not in page  # no CDN
     post(server, b"", "image/jpeg")
     metrics = httpx.get(f"{server}/metrics").text
-    count = lambda status: sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()  # noqa: E731
-                               if line.startswith("alexnet_requests_total{") and f'status="{status}"' in line
-                               and 'endpoint="/predict"' in line)
+
+    def count(status: int) -> float:
+        return sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in metrics.splitlines()
+            if line.startswith("alexnet_requests_total{")
+            and f'status="{status}"' in line
+            and 'endpoint="/predict"' in line
+        )
+
     assert count(400) >= 1 and count(200) >= 1
     assert "alexnet_request_latency_seconds_bucket" in metrics and "alexnet_batch_size_count" in metrics
-    for name in ("alexnet_in_flight_requests", "alexnet_queue_images", "alexnet_rejected_requests_total",
-                 "alexnet_dropped_images_total", "process_resident_memory_bytes", "process_open_fds",
-                 "process_cpu_seconds_total"):
+    for name in (
+        "alexnet_in_flight_requests",
+        "alexnet_queue_images",
+        "alexnet_rejected_requests_total",
+        "alexnet_dropped_images_total",
+        "process_resident_memory_bytes",
+        "process_open_fds",
+        "process_cpu_seconds_total",
+    ):
         assert f"\n{name}" in metrics, name
 
 
@@ -142,8 +160,12 @@ def test_concurrent_requests_share_forward_passes(server):
 
     async def burst():
         async with httpx.AsyncClient(timeout=120) as client:
-            rs = await asyncio.gather(*[client.post(f"{server}/predict", content=image,
-                                                    headers={"content-type": "image/jpeg"}) for _ in range(16)])
+            rs = await asyncio.gather(
+                *[
+                    client.post(f"{server}/predict", content=image, headers={"content-type": "image/jpeg"})
+                    for _ in range(16)
+                ]
+            )
         return [r.status_code for r in rs]
 
     assert asyncio.run(burst()) == [200] * 16
@@ -154,15 +176,34 @@ def test_concurrent_requests_share_forward_passes(server):
 
 def batch_stats(url: str) -> tuple[float, float]:
     text = httpx.get(f"{url}/metrics").text
-    value = lambda name: float(next(line.rsplit(" ", 1)[1] for line in text.splitlines()  # noqa: E731
-                                    if line.startswith(name + " ")))
+
+    def value(name: str) -> float:
+        return float(next(line.rsplit(" ", 1)[1] for line in text.splitlines() if line.startswith(name + " ")))
+
     return value("alexnet_batch_size_sum"), value("alexnet_batch_size_count")
+
+
+def test_with_no_checkpoint_given_it_serves_from_the_home_or_says_where_it_looked(tmp_path):
+    r = subprocess.run(
+        [sys.executable, "-m", "serving", "--port", "1"],
+        cwd=REPO,
+        env=serving_env(home=tmp_path / "empty"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 2 and f"looked in the home's runs folder {tmp_path / 'empty' / 'runs'}" in r.stderr
 
 
 def test_refuses_to_start_without_a_usable_checkpoint(checkpoint, tmp_path):
     def serve(path: Path) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "serving", "--checkpoint", str(path), "--port", "1"],
-                              cwd=REPO, capture_output=True, text=True, timeout=120)
+        return subprocess.run(
+            [sys.executable, "-m", "serving", "--checkpoint", str(path), "--port", "1"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
 
     r = serve(tmp_path / "missing")
     assert r.returncode == 2 and "does not exist" in r.stderr
@@ -182,7 +223,7 @@ def test_refuses_to_start_without_a_usable_checkpoint(checkpoint, tmp_path):
     from fastapi.testclient import TestClient
 
     with pytest.raises(CheckpointError):
-        with TestClient(create_app(Settings(checkpoint=mismatched))):
+        with TestClient(create_app(Settings(checkpoint=mismatched, grpc=False))):
             pass
 
 
@@ -190,7 +231,7 @@ def test_similar_finds_the_image_itself_first_in_a_shard_set_index(checkpoint, s
     from fastapi.testclient import TestClient
 
     out, _ = shard_set
-    with TestClient(create_app(Settings(checkpoint=checkpoint, index=out))) as client:
+    with TestClient(create_app(Settings(checkpoint=checkpoint, index=out, grpc=False))) as client:
         assert client.post("/similar", content=jpeg(), headers={"content-type": "image/jpeg"}).status_code in (200, 409)
         for _ in range(600):  # the index is built in the background
             if client.app.state.indexer.index is not None:
@@ -213,13 +254,17 @@ def test_an_index_is_bounded_and_never_answers_for_another_model(checkpoint, sha
     from serving.predictor import Predictor
 
     out, _ = shard_set
-    with TestClient(create_app(Settings(checkpoint=checkpoint, index=out, max_index_images=10))) as client:
+    with TestClient(create_app(Settings(checkpoint=checkpoint, index=out, max_index_images=10, grpc=False))) as client:
         for _ in range(600):
             if client.get("/index").json()["state"] == "ready":
                 break
             time.sleep(0.1)
-        assert client.get("/index").json() | {"state": "ready"} == {"state": "ready", "size": 10, "source": out.name,
-                                                                     "truncated": True}
+        assert client.get("/index").json() | {"state": "ready"} == {
+            "state": "ready",
+            "size": 10,
+            "source": out.name,
+            "truncated": True,
+        }
         image = {"content": jpeg(), "headers": {"content-type": "image/jpeg"}}
         assert client.post("/similar?k=3", **image).status_code == 200
         # A newer model swapped in while the index still holds the old one's embeddings.
