@@ -37,7 +37,7 @@ CHILD = """
 import sys
 from pipeline.preprocess import read_header
 from serving.budget import decode_cost
-import pipeline.transforms as t
+import pipeline.sharded as t
 def status(field):
     line = next(l for l in open("/proc/self/status") if l.startswith(field + ":"))
     return int(line.split()[1]) * 1024
@@ -82,8 +82,9 @@ def images(side: int) -> dict[str, tuple[Image.Image, str, dict]]:
 
 def measure(small: Path, path: Path) -> tuple[int, int, int]:
     """(peak RSS rise decoding `path`, the same for `small`, decode_cost's estimate for `path`)."""
-    out = subprocess.run([sys.executable, "-c", CHILD, str(small), str(path)], cwd=REPO, capture_output=True,
-                         text=True, check=True).stdout.split()
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD, str(small), str(path)], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.split()
     return int(out[0]), int(out[1]), int(out[2])
 
 
@@ -109,10 +110,16 @@ def main(argv: list[str] | None = None) -> int:
             size = save(img, fmt, kw, path)
             peak, small_rise, estimate = measure(small, path)
             measured = peak / pixels
-            rows.append({"image": name, "file_kb": round(size / 1024), "small_rise_mb": round(small_rise / 1e6, 1),
-                         "measured_bytes_per_px": round(measured, 1),
-                         "estimated_bytes_per_px": round(estimate / pixels, 1),
-                         "estimate_over_measured": round(estimate / pixels / measured, 2) if measured else None})
+            rows.append(
+                {
+                    "image": name,
+                    "file_kb": round(size / 1024),
+                    "small_rise_mb": round(small_rise / 1e6, 1),
+                    "measured_bytes_per_px": round(measured, 1),
+                    "estimated_bytes_per_px": round(estimate / pixels, 1),
+                    "estimate_over_measured": round(estimate / pixels / measured, 2) if measured else None,
+                }
+            )
         results["modes"] = rows
         results["estimate_covers_all"] = all(r["estimated_bytes_per_px"] >= r["measured_bytes_per_px"] for r in rows)
     print(json.dumps(results, indent=2))

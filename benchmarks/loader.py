@@ -10,7 +10,7 @@ subtraction, CHW float32. Measured, each with as many worker processes / threads
   decoding, numpy augmentation per sample, DataLoader collating;
 - webdataset: the project's fallback back-end (trainer.wds_loader.WdsLoader): exact
   epochs, seeded per (epoch, rank), libjpeg-turbo decode, batches built in the workers;
-- dali_cpu: the default back-end (trainer.data.DaliLoader) with CPU decoding.
+- dali_cpu: the default back-end (trainer.dali_loader.DaliLoader) with CPU decoding.
 Prints JSON; target: DALI >= 4x the baseline.
 """
 
@@ -31,6 +31,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from benchmarks.photos import resized
+from pipeline.cli import setup_logging
 from pipeline.shard import ShardConfig, run
 from pipeline.transforms import Lighting, Normalization
 
@@ -42,13 +44,7 @@ def build_shards(photos: Path, n: int, tmp: Path) -> Path:
     files = sorted(photos.glob("*.jpg"))
     if not files:
         raise SystemExit(f"no .jpg photographs in {photos}")
-    datas = []
-    for f in files:  # ImageNet-size copies (~500 px long side), as the real training set
-        img = Image.open(f).convert("RGB")
-        s = 500 / max(img.size)
-        buf = io.BytesIO()
-        img.resize((round(img.size[0] * s), round(img.size[1] * s)), Image.LANCZOS).save(buf, "JPEG", quality=90)
-        datas.append(buf.getvalue())
+    datas = [resized(f.read_bytes(), 500) for f in files]  # ImageNet-size copies, as the real training set
     for i in range(n):
         folder = tmp / "raw" / "train" / f"n{i % 4:08d}"
         folder.mkdir(parents=True, exist_ok=True)
@@ -59,7 +55,7 @@ def build_shards(photos: Path, n: int, tmp: Path) -> Path:
 
 
 class TorchAugment:
-    """The same augmentation as trainer.data's train mode, in numpy (picklable for workers)."""
+    """The same augmentation as trainer.dali_loader's train mode, in numpy (picklable for workers)."""
 
     def __init__(self, norm: Normalization, lighting: Lighting):
         self.mean = np.asarray(norm.mean, dtype=np.float32)
@@ -70,7 +66,7 @@ class TorchAugment:
         img = np.asarray(Image.open(io.BytesIO(sample["jpg"])).convert("RGB"))
         rng = np.random.default_rng()
         top, left = rng.integers(0, img.shape[0] - CROP + 1), rng.integers(0, img.shape[1] - CROP + 1)
-        patch = img[top:top + CROP, left:left + CROP]
+        patch = img[top : top + CROP, left : left + CROP]
         if rng.random() < 0.5:
             patch = patch[:, ::-1]
         shift = self.p.T @ (rng.normal(0, 0.1, 3).astype(np.float32) * self.w)
@@ -85,16 +81,16 @@ def torch_loader(shards: Path, workers: int, batch: int):
 
     ss = open_shard_set(shards)
     urls, _ = ss.files("train")
-    aug = TorchAugment(ss.normalization(), Lighting.from_stats(ss.stats))
-    dataset = wds.WebDataset(urls, shardshuffle=False, workersplitter=wds.split_by_worker,
-                             nodesplitter=None, empty_check=False).map(aug)
-    return torch.utils.data.DataLoader(dataset, batch_size=batch, num_workers=workers,
-                                       persistent_workers=workers > 0)
+    aug = TorchAugment(ss.normalization(), ss.lighting())
+    dataset = wds.WebDataset(
+        urls, shardshuffle=False, workersplitter=wds.split_by_worker, nodesplitter=None, empty_check=False
+    ).map(aug)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch, num_workers=workers, persistent_workers=workers > 0)
 
 
 def wds_loader(shards: Path, workers: int, batch: int):
     from pipeline.shardset import open_shard_set
-    from trainer.data import DataConfig
+    from trainer.loaders import DataConfig
     from trainer.wds_loader import WdsLoader
 
     return WdsLoader(open_shard_set(shards), "train", DataConfig(mode="train", batch_size=batch, num_threads=workers))
@@ -102,15 +98,17 @@ def wds_loader(shards: Path, workers: int, batch: int):
 
 def dali_loader(shards: Path, threads: int, batch: int, device: str):
     from pipeline.shardset import open_shard_set
-    from trainer.data import DaliLoader, DataConfig
+    from trainer.dali_loader import DaliLoader
+    from trainer.loaders import DataConfig
 
-    return DaliLoader(open_shard_set(shards), "train",
-                      DataConfig(mode="train", batch_size=batch, num_threads=threads, device=device))
+    return DaliLoader(
+        open_shard_set(shards), "train", DataConfig(mode="train", batch_size=batch, num_threads=threads, device=device)
+    )
 
 
 def epoch_img_per_s(loader) -> float:
     n, t = 0, time.perf_counter()
-    for images, labels in loader:
+    for _images, labels in loader:
         n += len(labels)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -135,7 +133,7 @@ def ratio(rates: dict[str, list[float]], a: str, b: str) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.WARNING)
+    setup_logging(logging.WARNING)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--photos", type=Path, default=REPO.parent / "shared" / "photos")
     p.add_argument("--images", type=int, default=1024)
@@ -146,9 +144,11 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         shards = build_shards(a.photos, a.images, Path(tmp))
-        loaders = {"torch": torch_loader(shards, a.workers, a.batch),
-                   "webdataset": wds_loader(shards, a.workers, a.batch),
-                   "dali_cpu": dali_loader(shards, a.workers, a.batch, "cpu")}
+        loaders = {
+            "torch": torch_loader(shards, a.workers, a.batch),
+            "webdataset": wds_loader(shards, a.workers, a.batch),
+            "dali_cpu": dali_loader(shards, a.workers, a.batch, "cpu"),
+        }
         if a.gpu:
             loaders["dali_gpu"] = dali_loader(shards, a.workers, a.batch, "gpu")
         rates = alternate(loaders, a.rounds)
@@ -156,7 +156,10 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "benchmark": "loader",
         "machine": {"cpu": platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__},
-        "images_per_epoch": a.images, "batch": a.batch, "workers_or_threads": a.workers, "rounds": a.rounds,
+        "images_per_epoch": a.images,
+        "batch": a.batch,
+        "workers_or_threads": a.workers,
+        "rounds": a.rounds,
         "baseline_torch_dataloader_img_per_s": round(med["torch"], 1),
         "webdataset_img_per_s": round(med["webdataset"], 1),
         "dali_cpu_img_per_s": round(med["dali_cpu"], 1),

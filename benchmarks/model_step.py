@@ -1,11 +1,14 @@
 """Training-step throughput of the two-column AlexNet against the same network written as one
 module with grouped convolutions (same FLOPs, same function), in the same run; and against
-itself with torch's F.local_response_norm in place of trainer.model.paper_lrn (`torch_lrn`:
+itself with torch's F.local_response_norm in place of trainer.lrn.paper_lrn (`torch_lrn`:
 the LRN the model had before its gradient was written out).
 
-    python -m benchmarks.model_step                       # CPU, all three models, prints JSON
-    python -m benchmarks.model_step --device cuda         # GPU: bf16 autocast + channels_last
-    python -m benchmarks.model_step --device cuda --compile --batch-sizes 128 256 512
+    python -m benchmarks.model_step                       # all three models, prints JSON
+    python -m benchmarks.model_step --batch-sizes 32 64 --compile
+
+On the CPU. The GPU's train step (fp32, bf16 + channels_last, torch.compile, the grouped
+twin, at the trainer's batch sizes, in TFLOP/s against the chip's peak) has its one home in
+benchmarks/gpu_check.py.
 
 A step is forward + cross-entropy + backward + the trainer's update (trainer.optim.PaperSGD:
 the paper's rule, momentum 0.9, wd 5e-4 on weights) on a fixed
@@ -21,12 +24,14 @@ import json
 import platform
 import statistics
 import time
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 
 from trainer.grouped_model import GroupedAlexNet
-from trainer.model import AlexNet, AlexNetConfig, PaperLRN
+from trainer.lrn import PaperLRN
+from trainer.model import AlexNet, AlexNetConfig
 from trainer.optim import PaperSGD, param_groups
 
 
@@ -75,12 +80,22 @@ def build(kind: str, device: torch.device, channels_last: bool, compile_: bool) 
                 m.__class__ = TorchLRN
     model.train()
     if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    return torch.compile(model) if compile_ else model
+        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # torch documents and accepts memory_format; its overloads omit it
+    # compile wraps a Module in an OptimizedModule, a Module; its stubs say only Callable
+    return cast(torch.nn.Module, torch.compile(model)) if compile_ else model
 
 
-def measure(kinds: list[str], device: torch.device, batch: int, steps: int, rounds: int, warmup: int,
-            amp: bool, channels_last: bool, compile_: bool) -> dict:
+def measure(
+    kinds: list[str],
+    device: torch.device,
+    batch: int,
+    steps: int,
+    rounds: int,
+    warmup: int,
+    amp: bool,
+    channels_last: bool,
+    compile_: bool,
+) -> dict:
     x = torch.randn(batch, 3, 227, 227, device=device) * 60
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
@@ -100,12 +115,14 @@ def measure(kinds: list[str], device: torch.device, batch: int, steps: int, roun
             per_round[k].append((sum(t[0] for t in times) / steps, sum(t[1] for t in times) / steps))
             if device.type == "cuda":
                 peak[k] = max(peak[k], torch.cuda.max_memory_allocated(device))
-    out = {}
+    out: dict[str, Any] = {}
     for k in kinds:
         total = statistics.median(f + b for f, b in per_round[k])
-        out[k] = {"img_per_s": round(batch / total, 1),
-                  "forward_ms": round(statistics.median(f for f, _ in per_round[k]) * 1e3, 2),
-                  "backward_update_ms": round(statistics.median(b for _, b in per_round[k]) * 1e3, 2)}
+        out[k] = {
+            "img_per_s": round(batch / total, 1),
+            "forward_ms": round(statistics.median(f for f, _ in per_round[k]) * 1e3, 2),
+            "backward_update_ms": round(statistics.median(b for _, b in per_round[k]) * 1e3, 2),
+        }
         if device.type == "cuda":  # during this model's steps (the other models' weights stay resident)
             out[k]["peak_memory_gib"] = round(peak[k] / 2**30, 2)
     for other in ("grouped", "torch_lrn"):
@@ -116,38 +133,31 @@ def measure(kinds: list[str], device: torch.device, batch: int, steps: int, roun
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=None,
-                   help="default: 32 on cpu, 128 256 512 on cuda")
-    p.add_argument("--steps", type=int, default=None, help="steps per round (default 2 cpu, 20 cuda)")
-    p.add_argument("--rounds", type=int, default=None, help="alternating rounds (default 5)")
-    p.add_argument("--warmup", type=int, default=None)
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[32])
+    p.add_argument("--steps", type=int, default=2, help="steps per round")
+    p.add_argument("--rounds", type=int, default=5, help="alternating rounds")
+    p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--compile", action="store_true", help="torch.compile every model")
-    p.add_argument("--no-amp", action="store_true", help="cuda: fp32 instead of bf16 autocast")
-    p.add_argument("--no-channels-last", action="store_true")
     p.add_argument("--only", choices=KINDS, nargs="+", default=None, help="measure these models only")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     a = p.parse_args(argv)
-    device = torch.device(a.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: no CUDA device here")
+    device = torch.device("cpu")
     if a.threads:
         torch.set_num_threads(a.threads)
-    cuda = device.type == "cuda"
-    batch_sizes = a.batch_sizes or ([128, 256, 512] if cuda else [32])
-    steps, rounds = a.steps or (20 if cuda else 2), a.rounds or 5
-    warmup = a.warmup if a.warmup is not None else (5 if cuda else 1)
-    amp = cuda and not a.no_amp
-    channels_last = cuda and not a.no_channels_last
     kinds = a.only or list(KINDS)
     result = {
         "benchmark": "model_step",
-        "device": torch.cuda.get_device_name(device) if cuda else f"cpu ({platform.machine()}, "
-                                                                   f"{torch.get_num_threads()} threads)",
-        "torch": torch.__version__, "bf16_autocast": amp, "channels_last": channels_last, "compile": a.compile,
-        "steps_per_round": steps, "rounds": rounds,
-        "by_batch": {str(b): measure(kinds, device, b, steps, rounds, warmup, amp, channels_last, a.compile)
-                     for b in batch_sizes},
+        "device": f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)",
+        "torch": torch.__version__,
+        "bf16_autocast": False,
+        "channels_last": False,
+        "compile": a.compile,
+        "steps_per_round": a.steps,
+        "rounds": a.rounds,
+        "by_batch": {
+            str(b): measure(kinds, device, b, a.steps, a.rounds, a.warmup, False, False, a.compile)
+            for b in a.batch_sizes
+        },
     }
     print(json.dumps(result, indent=2))
     return 0

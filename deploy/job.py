@@ -20,10 +20,13 @@ import logging
 import os
 import sys
 import time
-from dataclasses import dataclass, fields
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Literal
 
 from deploy.steps import PY, ray_job_api_up, run, stage, submit_job, wait_until
+from pipeline.cli import Flag, add_fields, env_values, given, setup_logging
 
 log = logging.getLogger("deploy.job")
 ENV_PREFIX = "JOB_"
@@ -38,8 +41,8 @@ class JobConfig:
     name: str = "compose"  # run name: the same name resumes the run
     preset: str = ""  # "": paper with a mounted ImageNet, sample on the sample data
     epochs: int = 0  # 0: the preset's
-    workers: int = 2  # data-parallel Ray Train workers
-    gpus_per_worker: int = 0  # 2: the paper's two columns on two GPUs
+    workers: int | Literal["auto"] = 2  # data-parallel Ray Train workers; auto: trainer.run resolves it
+    gpus_per_worker: int | Literal["auto"] = 0  # 2: the paper's two columns on two GPUs; auto: from the cluster
     shard_size: int = 0  # images per shard; 0: 64 for the sample, pipeline.shard's default else
     input_size: int = 0  # the model's input; 0: trainer.run's (the paper's 227); 67 trains ~10x faster on CPUs
     wait_s: float = 600  # how long to wait for the Ray job API
@@ -53,9 +56,23 @@ class JobConfig:
         return self.data / "shards"
 
     def train_command(self) -> list[str]:
-        cmd = [PY, "-m", "trainer.run", "--data", str(self.shards), "--storage-path", str(self.runs),
-               "--name", self.name, "--preset", self.training_preset, "--workers", str(self.workers),
-               "--gpus-per-worker", str(self.gpus_per_worker)]
+        cmd = [
+            PY,
+            "-m",
+            "trainer.run",
+            "--data",
+            str(self.shards),
+            "--storage-path",
+            str(self.runs),
+            "--name",
+            self.name,
+            "--preset",
+            self.training_preset,
+            "--workers",
+            str(self.workers),
+            "--gpus-per-worker",
+            str(self.gpus_per_worker),
+        ]
         if self.epochs:
             cmd += ["--epochs", str(self.epochs)]
         if self.input_size:
@@ -63,22 +80,33 @@ class JobConfig:
         return cmd
 
 
-def parse_args(argv: list[str] | None = None, environ: dict | None = None) -> JobConfig:
+FLAGS = {
+    "data": Flag("where the raw sample tree and the shard set go"),
+    "runs": Flag("training's storage path (run folders)"),
+    "imagenet": Flag("a raw ImageNet tree (none: the built-in sample data)"),
+    "address": Flag("the Ray job API"),
+    "name": Flag("run name: the same name resumes the run"),
+    "preset": Flag("training recipe (empty: paper with a mounted ImageNet, sample on the sample data)"),
+    "epochs": Flag("epochs to train (0: the recipe's)"),
+    "workers": Flag("data-parallel Ray Train workers (auto: as many as the cluster's GPUs hold)"),
+    "gpus_per_worker": Flag("2: the paper's two columns on two GPUs; auto: 2, 1 or 0 from the cluster's nodes"),
+    "shard_size": Flag("images per shard (0: 64 for the sample, pipeline.shard's default else)"),
+    "input_size": Flag("the model's input (0: trainer.run's, the paper's 227; 67 trains ~10x faster on CPUs)"),
+    "wait_s": Flag("how long to wait for the Ray job API, in seconds"),
+}
+
+
+def parse_args(argv: list[str] | None = None, environ: Mapping[str, str] | None = None) -> JobConfig:
+    """Flags, else JOB_* environment variables, else JobConfig's defaults."""
     environ = os.environ if environ is None else environ
-    p = argparse.ArgumentParser(prog="python -m deploy.job", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in fields(JobConfig):
-        env = ENV_PREFIX + f.name.upper()
-        raw = environ.get(env) or None  # compose passes unset variables on as ""
-        typ = {"int": int, "float": float, "str": str}.get(str(f.type), Path)
-        p.add_argument(f"--{f.name.replace('_', '-')}", type=typ, default=typ(raw) if raw else f.default,
-                       help=f"(env {env})")
-    a = p.parse_args(argv)
-    return JobConfig(**vars(a))
+    p = argparse.ArgumentParser(prog="python -m deploy.job", description=__doc__.split("\n\n")[0])
+    base = JobConfig(**env_values(JobConfig, ENV_PREFIX, environ))
+    names = add_fields(p, JobConfig, defaults=base, flags=FLAGS, env_prefix=ENV_PREFIX)
+    return replace(base, **given(p.parse_args(argv), names))
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     cfg = parse_args(argv)
     env = dict(os.environ)
     t0 = time.perf_counter()
@@ -92,19 +120,35 @@ def main(argv: list[str] | None = None) -> int:
         src = cfg.imagenet
     stage("2/4 shards (pipeline.shard)")
     shard_size = cfg.shard_size or (64 if cfg.imagenet is None else 0)
-    run([PY, "-m", "pipeline.shard", "--src", str(src), "--out", str(cfg.shards), "--quiet",
-         *(["--shard-size", str(shard_size)] if shard_size else [])], env=env)
+    run(
+        [
+            PY,
+            "-m",
+            "pipeline.shard",
+            "--src",
+            str(src),
+            "--out",
+            str(cfg.shards),
+            "--quiet",
+            *(["--shard-size", str(shard_size)] if shard_size else []),
+        ],
+        env=env,
+    )
 
-    stage(f"3/4 training ({cfg.training_preset} preset): ray job submit --address {cfg.address} -- "
-          "python -m trainer.run")
+    stage(
+        f"3/4 training ({cfg.training_preset} preset): ray job submit --address {cfg.address} -- python -m trainer.run"
+    )
     wait_until(lambda: ray_job_api_up(cfg.address, env), cfg.wait_s, f"the Ray job API at {cfg.address}")
     submit_job(cfg.address, cfg.train_command(), env)
 
     stage("4/4 figures (python -m trainer.figures)")
     run_dir = cfg.runs / cfg.name
     run([PY, "-m", "trainer.figures", str(run_dir), "--shards", str(cfg.shards)], env=env)
-    log.info("done in %.0f s: run folder %s; the api service now serves its newest checkpoint",
-             time.perf_counter() - t0, run_dir)
+    log.info(
+        "done in %.0f s: run folder %s; the api service now serves its newest checkpoint",
+        time.perf_counter() - t0,
+        run_dir,
+    )
     return 0
 
 

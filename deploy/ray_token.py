@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import secrets
 import sys
 from pathlib import Path
+
+from pipeline.atomic import write_atomic
+from pipeline.cli import setup_logging
 
 log = logging.getLogger("deploy.ray_token")
 
@@ -22,18 +24,13 @@ def ensure_token(path: Path) -> bool:
     """Write a fresh random token to `path` unless a non-empty one is there. True if written."""
     if path.is_file() and path.read_text().strip():
         return False
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
     # Owner-only from the first byte, then moved into place: never a readable or half token.
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(secrets.token_hex(32) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, secrets.token_hex(32) + "\n", mode=0o600)
     return True
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     p = argparse.ArgumentParser(prog="python -m deploy.ray_token", description=__doc__.split("\n\n")[0])
     p.add_argument("path", type=Path, help="token file (a volume shared by the Ray containers)")
     a = p.parse_args(argv)

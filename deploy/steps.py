@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -47,9 +48,42 @@ def wait_until(check, timeout: float, what: str, proc: subprocess.Popen | None =
 def ray_head_ports() -> list[str]:
     """Every port the head listens on, picked free: a second Ray on this machine (the user's
     own, or a test's) must not collide with ours on a default port."""
-    names = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
-             "runtime-env-agent-port", "node-manager-port", "object-manager-port", "ray-client-server-port")
+    names = (
+        "dashboard-agent-listen-port",
+        "dashboard-agent-grpc-port",
+        "metrics-export-port",
+        "runtime-env-agent-port",
+        "node-manager-port",
+        "object-manager-port",
+        "ray-client-server-port",
+    )
     return [f"--{name}={free_port()}" for name in names]
+
+
+def private_ray_head(gcs_port: int, dashboard_port: int, temp_dir: Path) -> list[str]:
+    """`ray start --head --block` for a Ray of our own on loopback: every port picked free, and
+    its own --temp-dir. The temp dir matters as much as the ports: Ray's job supervisor starts
+    a job's driver with RAY_ADDRESS resolved from "the newest cluster" recorded in its temp
+    dir, so with two Rays sharing the default /tmp/ray, a job submitted to ours could run
+    against the other one. TEMP_DIR must be short (Ray's Unix socket paths live under it)."""
+    return [
+        RAY,
+        "start",
+        "--head",
+        "--block",
+        "--node-ip-address=127.0.0.1",
+        f"--port={gcs_port}",
+        f"--dashboard-port={dashboard_port}",
+        "--dashboard-host=127.0.0.1",
+        *ray_head_ports(),
+        f"--temp-dir={temp_dir}",
+        "--disable-usage-stats",
+    ]
+
+
+def short_temp_dir(prefix: str) -> Path:
+    """A new folder under /tmp (where there is one: a Unix socket path must stay under ~100 bytes)."""
+    return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp" if os.path.isdir("/tmp") else None))
 
 
 def ray_job_api_up(address: str, env: dict) -> bool:
@@ -66,6 +100,7 @@ def submit_job(address: str, entrypoint: list[str], env: dict, attempts: int = 2
     for attempt in range(attempts):
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         lines = []
+        assert proc.stdout is not None  # stdout=PIPE
         for line in proc.stdout:
             sys.stderr.write(line)
             lines.append(line)

@@ -21,6 +21,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.cli import setup_logging
+
 log = logging.getLogger("deploy.wait")
 
 
@@ -57,8 +59,11 @@ CHECKS = {"shards": shards_ready, "checkpoint": checkpoint_ready}
 
 
 def parse_args(argv: list[str] | None = None) -> WaitConfig:
-    p = argparse.ArgumentParser(prog="python -m deploy.wait", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m deploy.wait",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("what", choices=sorted(CHECKS), help="what to wait for")
     p.add_argument("path", type=Path, help="the shard set folder, or the run folder")
     d = WaitConfig("shards", Path("."))
@@ -92,7 +97,7 @@ def wait(cfg: WaitConfig, clock=time.monotonic, sleep=time.sleep) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     return 0 if wait(parse_args(argv)) else 1
 
 

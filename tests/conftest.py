@@ -1,8 +1,11 @@
 """Shared fixtures: the built-in sample data and a shard set written from it, made once per
-test session with the real commands (no stand-ins)."""
+test run with the real commands (no stand-ins) and shared by every pytest-xdist worker
+(tests/once.py), and the run's one Ray cluster (tests/raycluster.py)."""
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 import pytest
@@ -10,21 +13,33 @@ import pytest
 from pipeline.sample import SampleConfig, generate
 from pipeline.shard import run
 from tests.helpers import shard_config
-from tests.raycluster import ray_cluster  # noqa: F401  (a session fixture: one Ray for every test)
+from tests.once import built_once, run_root
+from tests.raycluster import ray_cluster, stop_cluster  # noqa: F401  (one Ray for every test of the run)
+
+# torch.compile's C++ builds in this process rather than a pool of compile workers: on the
+# suite's 2 cores, with xdist workers beside it, the pool's start-up costs more than it saves.
+os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 
 
 @pytest.fixture(scope="session")
 def sample_root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("sample") / "raw"
-    generate(SampleConfig(out=root))
-    return root
+    return built_once(tmp_path_factory, "sample", lambda folder: generate(SampleConfig(out=folder / "raw"))) / "raw"
 
 
 @pytest.fixture(scope="session")
 def shard_set(sample_root, tmp_path_factory) -> tuple[Path, dict]:
-    out = tmp_path_factory.mktemp("shards") / "out"
-    manifest = run(shard_config(sample_root, out))
-    return out, manifest
+    out = built_once(tmp_path_factory, "shards", lambda folder: run(shard_config(sample_root, folder / "out"))) / "out"
+    return out, json.loads((out / "manifest.json").read_text())
+
+
+def pytest_sessionfinish(session) -> None:
+    """In the controller (or the only process), after every worker is done: stop the run's Ray
+    cluster if a test started one."""
+    if hasattr(session.config, "workerinput"):
+        return
+    factory = getattr(session.config, "_tmp_path_factory", None)
+    if factory is not None and factory._basetemp is not None:
+        stop_cluster(run_root(factory))
 
 
 def _cuda_devices() -> int:
@@ -37,7 +52,13 @@ def _cuda_devices() -> int:
 
 def pytest_collection_modifyitems(config, items):
     """Tests marked `gpu` need CUDA: skipped (never faked) where there is none.
-    `@pytest.mark.gpu(2)` asks for two devices."""
+    `@pytest.mark.gpu(2)` asks for two devices. Then the modules with the most `slow` tests
+    go first, so that under xdist (`make test`: whole modules per worker) the long end-to-end
+    runs start at once and the quick modules fill the other workers around them."""
+    slow: dict[str, int] = {}
+    for item in items:
+        slow[item.module.__name__] = slow.get(item.module.__name__, 0) + bool(item.get_closest_marker("slow"))
+    items.sort(key=lambda item: -slow[item.module.__name__])  # stable: each module keeps its own order
     available = None
     for item in items:
         marker = item.get_closest_marker("gpu")

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import tarfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+import pytest
 
 from pipeline.shard import ShardConfig
 
@@ -32,15 +37,24 @@ def make_checkpoint(shard_set, folder: Path, seed: int = 0, epoch: int = 1, divi
     import torch
 
     from pipeline.shardset import open_shard_set
-    from trainer.checkpoint import save, shards_meta
+    from trainer.checkpoint import save
+    from trainer.checkpoint_meta import ShardsMeta
     from trainer.model import AlexNet, AlexNetConfig
 
     out, manifest = shard_set
     shards = open_shard_set(out)
     torch.manual_seed(seed)
     model = AlexNet(AlexNetConfig(num_classes=shards.num_classes, init="kaiming")).eval()
-    save(folder, model, classes=manifest["classes"], normalization=shards.normalization(divide_by_std=divide_by_std),
-         epoch=epoch, metrics={"val_top1_error": 0.9}, shards=shards_meta(out, manifest), run=folder.parent.name)
+    save(
+        folder,
+        model,
+        classes=manifest["classes"],
+        normalization=shards.normalization(divide_by_std=divide_by_std),
+        epoch=epoch,
+        metrics={"val_top1_error": 0.9},
+        shards=ShardsMeta.of(out, manifest),
+        run=folder.parent.name,
+    )
     return folder
 
 
@@ -52,3 +66,35 @@ def register(run: Path, *names: str) -> None:
     tmp = run / f".{POINTER}.tmp"
     tmp.write_text(pointer_json(names[-1], int(names[-1].rsplit("_", 1)[-1])))
     os.replace(tmp, run / POINTER)
+
+
+# Real photographs (../shared/photos beside the repository; SOURCES.md there says whence).
+PHOTOS = REPO.parent / "shared" / "photos"
+
+
+def photographs(count: int, max_bytes: int = 400_000) -> list[bytes]:
+    """Up to `count` of the real photographs (the smaller ones, by name), or [] where there are none."""
+    if not PHOTOS.is_dir():
+        return []
+    files = [p for p in sorted(PHOTOS.glob("*.jpg")) if p.stat().st_size <= max_bytes]
+    return [p.read_bytes() for p in files[:count]]
+
+
+@contextmanager
+def small_disk(folder: Path, size: str) -> Iterator[Path]:
+    """A real filesystem of SIZE (a tmpfs: `mount` needs root, as CI has; skipped elsewhere)
+    mounted on FOLDER, unmounted afterwards. `grow(folder, size)` frees space on it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True, text=True
+    )
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a small filesystem here (needs root): {r.stderr.strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "--lazy", str(folder)], capture_output=True)
+
+
+def grow(folder: Path, size: str) -> None:
+    subprocess.run(["mount", "-o", f"remount,size={size}", str(folder)], check=True)

@@ -42,12 +42,15 @@ def test_the_repository_keeps_the_layer_contract():
     assert "1 kept, 0 broken" in result.stdout
 
 
-@pytest.mark.parametrize("module, imports, message", [
-    ("pipeline/_upward.py", "from trainer import model", "pipeline is not allowed to import trainer"),
-    ("trainer/_upward.py", "def f():\n    import serving.predictor", "trainer is not allowed to import serving"),
-    ("serving/_upward.py", "import deploy.steps", "serving is not allowed to import deploy"),
-    ("deploy/_upward.py", "from tests import helpers", "deploy is not allowed to import tests"),
-])
+@pytest.mark.parametrize(
+    "module, imports, message",
+    [
+        ("pipeline/_upward.py", "from trainer import model", "pipeline is not allowed to import trainer"),
+        ("trainer/_upward.py", "def f():\n    import serving.predictor", "trainer is not allowed to import serving"),
+        ("serving/_upward.py", "import deploy.steps", "serving is not allowed to import deploy"),
+        ("deploy/_upward.py", "from tests import helpers", "deploy is not allowed to import tests"),
+    ],
+)
 def test_an_upward_import_breaks_it(tmp_path, module, imports, message):
     root = copy_sources(tmp_path)
     (root / module).write_text(imports + "\n")

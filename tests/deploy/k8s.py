@@ -37,10 +37,11 @@ def require_kubectl() -> str:
     return found
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _render(overlay: str) -> tuple[dict, ...]:
-    out = subprocess.run([require_kubectl(), "kustomize", str(K8S / "overlays" / overlay)],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [require_kubectl(), "kustomize", str(K8S / "overlays" / overlay)], capture_output=True, text=True, check=True
+    ).stdout
     return tuple(doc for doc in yaml.safe_load_all(out) if doc)
 
 

@@ -10,8 +10,17 @@ import yaml
 
 from tests.helpers import REPO
 
-BUILD_FILES = [".ci/run", ".ci/compose", ".ci/phases.sh", "Makefile", "deploy/Dockerfile", "docker-compose.yml",
-               "deploy/compose.gpu.yml", "deploy/compose.public.yml", "deploy/build-extras/README.md"]
+BUILD_FILES = [
+    ".ci/run",
+    ".ci/compose",
+    ".ci/phases.sh",
+    "Makefile",
+    "deploy/Dockerfile",
+    "docker-compose.yml",
+    "deploy/compose.gpu.yml",
+    "deploy/compose.public.yml",
+    "deploy/build-extras/README.md",
+]
 URL = re.compile(r"\b[a-z][a-z0-9+.-]*://([^/\s\"'`:)$]+)", re.I)
 
 
@@ -33,5 +42,5 @@ def test_build_and_ci_files_name_no_registry_or_mirror():
 
 def test_a_mirror_literal_would_be_caught():
     assert hosts("debootstrap bookworm /tmp/rootfs http://deb.example.org/debian") == {"deb.example.org"}
-    assert hosts('ARG TORCH_INDEX_URL=https://download.example.org/whl/cpu') == {"download.example.org"}
+    assert hosts("ARG TORCH_INDEX_URL=https://download.example.org/whl/cpu") == {"download.example.org"}
     assert hosts("JOB_ADDRESS: http://ray-head:8265") <= allowed_hosts()

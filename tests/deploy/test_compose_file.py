@@ -14,7 +14,7 @@ from tests.deploy.dockerfile import build_targets, stages
 from tests.helpers import REPO
 
 RAY_SERVICES = ("ray-head", "ray-worker", "job")
-LONG_LIVED = ("ray-head", "ray-worker", "api")
+LONG_LIVED = ("ray-head", "ray-worker", "api", "tensorboard")
 
 
 class ComposeLoader(yaml.SafeLoader):
@@ -61,7 +61,12 @@ def test_nothing_is_published_beyond_loopback(compose):
             # Ray's job API runs whatever it is sent, and the API has no token by default:
             # host loopback only; never 6379 (GCS) or 10001 (Ray client).
             assert port.startswith("127.0.0.1:"), (name, port)
-            assert (name, port.rsplit(":", 1)[1]) in {("ray-head", "8265"), ("api", "8000")}, (name, port)
+            assert (name, port.rsplit(":", 1)[1]) in {
+                ("ray-head", "8265"),
+                ("api", "8000"),
+                ("api", "8001"),
+                ("tensorboard", "6006"),
+            }, (name, port)
     assert published(services["api"])
     assert "ALEXNET_TOKEN" not in services["api"]["environment"]  # an empty token must not reach it
 
@@ -69,8 +74,8 @@ def test_nothing_is_published_beyond_loopback(compose):
 def test_the_public_override_needs_a_token_file(compose, public):
     api = public["services"]["api"]
     # It replaces the loopback port (compose would otherwise add one to the other)...
-    assert api["ports"].tag == "!override" and [p.split(":")[0] for p in api["ports"]] == ["${API_BIND"]
-    assert api["ports"][0].endswith(":8000")
+    assert api["ports"].tag == "!override" and [p.split(":")[0] for p in api["ports"]] == ["${API_BIND"] * 2
+    assert [p.split(":")[-1].split()[0] for p in api["ports"]] == ["8000", "8001"]  # HTTP and gRPC
     # ...and hands the API a token as a file, from a compose secret that must be given.
     assert api["environment"] == {"ALEXNET_TOKEN_FILE": "/run/secrets/api-token"}
     assert api["secrets"] == ["api-token"]
@@ -115,8 +120,10 @@ def test_healthchecks_and_quick_stops(compose):
 def test_the_api_waits_for_training_and_the_job_for_the_cluster(compose):
     services = compose["services"]
     assert services["api"]["depends_on"] == {"job": {"condition": "service_completed_successfully"}}
-    assert services["job"]["depends_on"] == {"ray-head": {"condition": "service_healthy"},
-                                             "ray-worker": {"condition": "service_healthy"}}
+    assert services["job"]["depends_on"] == {
+        "ray-head": {"condition": "service_healthy"},
+        "ray-worker": {"condition": "service_healthy"},
+    }
     # The api serves the run the job trains.
     assert "--checkpoint /runs/${RUN_NAME:-compose}" in services["api"]["command"]
     assert services["job"]["environment"]["JOB_NAME"] == "${RUN_NAME:-compose}"
@@ -140,7 +147,8 @@ def test_gpu_override_gives_the_workers_gpus_in_pairs(gpu):
     worker = gpu["services"]["ray-worker"]
     device = worker["deploy"]["resources"]["reservations"]["devices"][0]
     assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
-    assert gpu["services"]["job"]["environment"]["JOB_GPUS_PER_WORKER"] == "${GPUS_PER_WORKER:-2}"
+    job = gpu["services"]["job"]["environment"]  # the layout resolved from the GPUs (trainer.layout)
+    assert job["JOB_GPUS_PER_WORKER"] == "${GPUS_PER_WORKER:-auto}" and job["JOB_WORKERS"] == "${TRAIN_WORKERS:-auto}"
     # Its own tag on every service: a GPU build never replaces the CPU image, nor is mixed with it.
     assert {s["image"] for s in gpu["services"].values()} == {"${ALEXNET_IMAGE:-alexnet-2012:gpu}"}
     assert set(gpu["services"]) == {"ray-token", "ray-head", "ray-worker", "job", "api"}
@@ -177,8 +185,11 @@ def test_build_extras_reach_only_the_build_stage():
     the targets take its virtual environment and nothing else (.ci/compose also checks the
     built image's layers)."""
     all_stages = stages()
-    with_extras = {name for name, st in all_stages.items()
-                   if any("build-extras" in i for i in st.instructions("COPY") + st.instructions("ADD"))}
+    with_extras = {
+        name
+        for name, st in all_stages.items()
+        if any("build-extras" in i for i in st.instructions("COPY") + st.instructions("ADD"))
+    }
     assert with_extras == {"build"}
     assert not [name for name, st in all_stages.items() if st.parent == "build"]  # nothing built on top of it
     for target in ("cpu", "gpu"):
@@ -195,3 +206,12 @@ def test_every_module_the_image_runs_is_copied_into_it(compose):
     assert used and used <= copied, used - copied
     for module in copied:
         assert (REPO / "deploy" / f"{module}.py").is_file()
+
+
+def test_tensorboard_is_an_optional_service_on_loopback_reading_the_runs(compose):
+    tensorboard = compose["services"]["tensorboard"]
+    assert tensorboard["profiles"] == ["tensorboard"]  # not started by a plain `docker compose up`
+    assert tensorboard["command"][:3] == ["tensorboard", "--logdir", "/runs"]
+    assert tensorboard["volumes"] == ["runs:/runs:ro"]  # the run folders, read-only; no Ray token, no data
+    assert published(tensorboard) == ["127.0.0.1:${TENSORBOARD_PORT:-6006}:6006"]
+    assert {n for n, s in compose["services"].items() if s.get("profiles")} == {"tensorboard"}

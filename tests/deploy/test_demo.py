@@ -34,8 +34,11 @@ def test_demo_runs_end_to_end(tmp_path):
     assert any(p.name.startswith("checkpoint_") and (p / "model.safetensors").is_file() for p in run.iterdir())
     from PIL import Image
 
-    sizes = {"learning_curves.png": (800, 600), "conv1_kernels.png": (12 * 46 + 2 + 10, 8 * 46 + 2),
-             "retrieval.png": (96 * 7 + 16 + 8 * 6, 5 * (96 + 8))}
+    sizes = {
+        "learning_curves.png": (800, 600),
+        "conv1_kernels.png": (12 * 46 + 2 + 10, 8 * 46 + 2),
+        "retrieval.png": (96 * 7 + 16 + 8 * 6, 5 * (96 + 8)),
+    }
     for name, size in sizes.items():
         png = (run / name).read_bytes()
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5_000, name

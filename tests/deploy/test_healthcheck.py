@@ -62,8 +62,9 @@ def test_raylet_check_reads_the_process_table(tmp_path):
     (tmp_path / "1" / "cmdline").write_bytes(b"/usr/bin/tini\0--\0ray\0")
     assert not raylet_running(tmp_path)
     (tmp_path / "57").mkdir()
-    (tmp_path / "57" / "cmdline").write_bytes(b"/opt/venv/lib/python3.11/site-packages/ray/core/src/ray/raylet/raylet"
-                                              b"\0--raylet_socket_name=x\0")
+    (tmp_path / "57" / "cmdline").write_bytes(
+        b"/opt/venv/lib/python3.11/site-packages/ray/core/src/ray/raylet/raylet\0--raylet_socket_name=x\0"
+    )
     assert raylet_running(tmp_path)
 
 

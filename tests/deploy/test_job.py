@@ -23,6 +23,9 @@ def test_settings_come_from_flags_then_environment_then_defaults():
     assert cfg.address == JobConfig.address
     cfg = parse_args([], environ={"JOB_IMAGENET": "/imagenet", "JOB_GPUS_PER_WORKER": "2"})
     assert str(cfg.imagenet) == "/imagenet" and cfg.gpus_per_worker == 2
+    cfg = parse_args([], environ={"JOB_WORKERS": "auto", "JOB_GPUS_PER_WORKER": "auto"})  # the GPU override's
+    train, _ = train_parse_args(cfg.train_command()[3:])
+    assert (train.runtime.workers, train.runtime.gpus_per_worker) == ("auto", "auto")
 
 
 def test_the_training_command_is_one_trainer_run_accepts():
@@ -30,20 +33,27 @@ def test_the_training_command_is_one_trainer_run_accepts():
     command = cfg.train_command()
     assert command[1:3] == ["-m", "trainer.run"]
     train, args = train_parse_args(command[3:])
-    assert (train.epochs, train.workers, train.gpus_per_worker, train.preset, train.name, train.input_size) == (
-        5, 4, 2, "paper", "imagenet", 67)
-    assert train.data == "/data/shards" and train.storage_path == "/runs" and args.address is None
+    assert (
+        train.recipe.epochs,
+        train.runtime.workers,
+        train.runtime.gpus_per_worker,
+        train.recipe.name,
+        train.runtime.name,
+        train.model.input_size,
+    ) == (5, 4, 2, "paper", "imagenet", 67)
+    assert train.input.data == "/data/shards" and train.runtime.storage_path == "/runs" and args.address is None
     # epochs 0: the preset's own
     train, _ = train_parse_args(JobConfig().train_command()[3:])
-    assert train.preset == "sample" and train.epochs == 8 and train.input_size == 227
+    assert train.recipe.name == "sample" and train.recipe.epochs == 8 and train.model.input_size == 227
 
 
 def test_the_preset_follows_the_data_unless_given():
     """A mounted ImageNet trains the paper's recipe; the sample data the sample preset; an
     explicit preset wins. Compose passes PRESET on with no default of its own."""
+
     def preset(environ: dict) -> str:
         train, _ = train_parse_args(parse_args([], environ=environ).train_command()[3:])
-        return train.preset
+        return train.recipe.name
 
     assert preset({"JOB_IMAGENET": "/imagenet", "JOB_PRESET": ""}) == "paper"
     assert preset({"JOB_IMAGENET": "", "JOB_PRESET": ""}) == "sample"
@@ -57,8 +67,25 @@ def test_the_preset_follows_the_data_unless_given():
 @pytest.mark.slow
 def test_job_shards_trains_on_the_cluster_and_draws_figures(ray_cluster, tmp_path):
     data, runs = tmp_path / "data", tmp_path / "runs"
-    cmd = [sys.executable, "-m", "deploy.job", "--data", str(data), "--runs", str(runs), "--address",
-           ray_cluster.dashboard_url, "--epochs", "1", "--workers", "2", "--name", "job", "--input-size", "67"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "deploy.job",
+        "--data",
+        str(data),
+        "--runs",
+        str(runs),
+        "--address",
+        ray_cluster.dashboard_url,
+        "--epochs",
+        "1",
+        "--workers",
+        "2",
+        "--name",
+        "job",
+        "--input-size",
+        "67",
+    ]
     r = subprocess.run(cmd, cwd=REPO, env=ray_cluster.env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     for stage in ("1/4", "2/4", "3/4", "4/4"):

@@ -15,7 +15,7 @@ import pytest
 from kubernetes_validate.utils import schema_contents
 from referencing import Registry, Resource
 
-from tests.deploy.k8s import OVERLAYS, render, rayjob
+from tests.deploy.k8s import OVERLAYS, rayjob, render
 
 K8S_VERSION = "1.37.0"
 KUBERAY = Path(__file__).parent / "kuberay"

@@ -11,7 +11,7 @@ import re
 
 import pytest
 
-from tests.deploy.k8s import OVERLAYS, containers, render, rayjob
+from tests.deploy.k8s import OVERLAYS, containers, rayjob, render
 
 MAX_RAYJOB_NAME = 53 - 6  # MaxRayClusterNameLength - 6
 TOKEN_AUTH_MIN_RAY = (2, 52, 0)
@@ -127,8 +127,12 @@ def rule_ray_containers_have_probes(job: dict) -> list[str]:
     has none, so the head would never be ready. Ours call deploy.healthcheck."""
     cluster = job["spec"]["rayClusterSpec"]
     groups = [("head", cluster["headGroupSpec"])] + [(g["groupName"], g) for g in cluster.get("workerGroupSpecs", [])]
-    return [f"{name}: the Ray container lacks its {probe}" for name, group in groups
-            for probe in ("readinessProbe", "livenessProbe") if probe not in group["template"]["spec"]["containers"][0]]
+    return [
+        f"{name}: the Ray container lacks its {probe}"
+        for name, group in groups
+        for probe in ("readinessProbe", "livenessProbe")
+        if probe not in group["template"]["spec"]["containers"][0]
+    ]
 
 
 def rule_job_spec(job: dict) -> list[str]:
@@ -185,7 +189,9 @@ def _resources_twice(job):
 
 
 def _gpu_key(job):
-    limits = job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["resources"]["limits"]
+    limits = job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["resources"][
+        "limits"
+    ]
     limits["gpu"] = 2
 
 
@@ -223,8 +229,7 @@ def test_kuberay_accepts_the_rayjob(overlay, rule):
     assert rule(rayjob(render(overlay))) == []
 
 
-@pytest.mark.parametrize("rule, breaker", [(r, b) for r, bs in RULES.items() for b in bs],
-                         ids=lambda x: x.__name__)
+@pytest.mark.parametrize("rule, breaker", [(r, b) for r, bs in RULES.items() for b in bs], ids=lambda x: x.__name__)
 def test_the_rule_refuses_a_rayjob_that_breaks_it(rule, breaker):
     job = rayjob(render("gpu"))
     assert rule(job) == []

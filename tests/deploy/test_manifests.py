@@ -40,8 +40,9 @@ def serving_parses(args: list[str], tmp_path: Path) -> None:
     replaced by an empty folder: exit status 2 with 'cannot serve', not argparse's usage)."""
     args = list(args)
     args[args.index("--checkpoint") + 1] = str(tmp_path)
-    proc = subprocess.run([sys.executable, "-m", "serving", *args], capture_output=True, text=True, timeout=120,
-                          cwd=REPO)
+    proc = subprocess.run(
+        [sys.executable, "-m", "serving", *args], capture_output=True, text=True, timeout=120, cwd=REPO
+    )
     assert proc.returncode == 2 and "cannot serve" in proc.stderr and "usage:" not in proc.stderr, proc.stderr[-2000:]
 
 
@@ -81,8 +82,13 @@ def commands(docs) -> list[tuple[str, list[str]]]:
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_every_command_parses_with_the_projects_own_cli(overlay, tmp_path):
     found = commands(render(overlay))
-    assert {argv[2] for _, argv in found} >= {"trainer.run", "pipeline.shard", "serving", "deploy.wait",
-                                              "deploy.healthcheck"}
+    assert {argv[2] for _, argv in found} >= {
+        "trainer.run",
+        "pipeline.shard",
+        "serving",
+        "deploy.wait",
+        "deploy.healthcheck",
+    }
     for where, argv in found:
         try:
             parse_command(argv, tmp_path)
@@ -153,23 +159,23 @@ def test_the_ray_cluster_fits_the_training_command(overlay):
     cfg = train_config(docs)
     cluster = rayjob(docs)["spec"]["rayClusterSpec"]
     (group,) = cluster["workerGroupSpecs"]
-    assert group["replicas"] == group["minReplicas"] == group["maxReplicas"] == cfg.workers
+    assert group["replicas"] == group["minReplicas"] == group["maxReplicas"] == cfg.runtime.workers
     ray = group["template"]["spec"]["containers"][0]
     # One Train worker per pod: its two columns on the pod's GPUs (none on CPU).
-    assert gpus(ray) == cfg.gpus_per_worker
-    assert float(ray["resources"]["limits"]["cpu"]) >= cfg.cpus_per_worker
+    assert gpus(ray) == cfg.runtime.gpus_per_worker
+    assert float(ray["resources"]["limits"]["cpu"]) >= cfg.runtime.cpus_per_worker
     assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
 
 
 def test_the_gpu_overlay_schedules_on_gpu_nodes_and_cpu_demo_needs_none():
     cfg = train_config(render("gpu"))
-    assert cfg.preset == "paper" and cfg.gpus_per_worker == 2
+    assert cfg.recipe.name == "paper" and cfg.runtime.gpus_per_worker == 2
     (group,) = rayjob(render("gpu"))["spec"]["rayClusterSpec"]["workerGroupSpecs"]
     spec = group["template"]["spec"]
     assert spec["nodeSelector"]
     assert any(t["key"] == "nvidia.com/gpu" and t["effect"] == "NoSchedule" for t in spec["tolerations"])
     docs = render("cpu-demo")
-    assert train_config(docs).gpus_per_worker == 0
+    assert train_config(docs).runtime.gpus_per_worker == 0
     assert not [c for _, s in pod_specs(docs) for c in containers(s) if gpus(c)]
 
 
@@ -178,17 +184,23 @@ def test_every_pod_mounts_what_its_command_reads_and_writes(overlay):
     docs = render(overlay)
     keyed = by_key(docs)
     cfg = train_config(docs)
-    data_root = str(Path(cfg.data).parent)
-    mounts = {pod: {m["mountPath"]: m.get("readOnly", False) for c in containers(s) for m in c.get("volumeMounts", [])}
-              for pod, s in pod_specs(docs)}
+    data_root = str(Path(cfg.input.data).parent)
+    mounts = {
+        pod: {m["mountPath"]: m.get("readOnly", False) for c in containers(s) for m in c.get("volumeMounts", [])}
+        for pod, s in pod_specs(docs)
+    }
     for pod in mounts:
         if pod.startswith("RayJob/") and not pod.endswith("submitter"):
-            assert mounts[pod][data_root] is True and mounts[pod][cfg.storage_path] is False, pod
+            assert mounts[pod][data_root] is True and mounts[pod][cfg.runtime.storage_path] is False, pod
             assert "/dev/shm" in mounts[pod], f"{pod}: Ray's object store needs /dev/shm"
     shard = keyed["Job/alexnet-shard"]["spec"]["template"]["spec"]["containers"][0]["command"]
-    assert shard[shard.index("--out") + 1] == cfg.data and mounts["Job/alexnet-shard"][data_root] is False
-    claims = {v["persistentVolumeClaim"]["claimName"] for _, s in pod_specs(docs) for v in s.get("volumes", [])
-              if "persistentVolumeClaim" in v}
+    assert shard[shard.index("--out") + 1] == cfg.input.data and mounts["Job/alexnet-shard"][data_root] is False
+    claims = {
+        v["persistentVolumeClaim"]["claimName"]
+        for _, s in pod_specs(docs)
+        for v in s.get("volumes", [])
+        if "persistentVolumeClaim" in v
+    }
     declared = {d["metadata"]["name"] for d in docs if d["kind"] == "PersistentVolumeClaim"}
     assert claims - declared <= {"alexnet-imagenet-raw"}  # the user's raw ImageNet, theirs to provide
     for d in docs:
@@ -202,7 +214,7 @@ def test_training_waits_for_a_complete_shard_set(overlay):
     cfg = train_config(docs)
     head = rayjob(docs)["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
     waits = [c["command"] for c in head.get("initContainers", []) if c["command"][2] == "deploy.wait"]
-    assert waits and deploy.wait.parse_args(waits[0][3:]) == deploy.wait.WaitConfig("shards", Path(cfg.data))
+    assert waits and deploy.wait.parse_args(waits[0][3:]) == deploy.wait.WaitConfig("shards", Path(cfg.input.data))
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -210,7 +222,7 @@ def test_the_api_waits_for_a_checkpoint_then_follows_the_run(overlay):
     docs = render(overlay)
     cfg = train_config(docs)
     spec = by_key(docs)["Deployment/alexnet-api"]["spec"]["template"]["spec"]
-    run_dir = Path(cfg.storage_path) / cfg.name
+    run_dir = Path(cfg.runtime.storage_path) / cfg.runtime.name
     (wait,) = spec["initContainers"]
     assert deploy.wait.parse_args(wait["command"][3:]) == deploy.wait.WaitConfig("checkpoint", run_dir)
     api = spec["containers"][0]
@@ -240,8 +252,8 @@ def test_the_api_takes_its_token_from_a_secret_and_serves_similar_from_the_shard
     assert secret["secretName"] == "alexnet-api-token" and token_mount["readOnly"] is True
     assert [i["path"] for i in secret["items"]] == [token_file.name]
     # /similar: the validation shards, read-only.
-    assert env["ALEXNET_INDEX"]["value"] == cfg.data
-    data = mounts[str(Path(cfg.data).parent)]
+    assert env["ALEXNET_INDEX"]["value"] == cfg.input.data
+    data = mounts[str(Path(cfg.input.data).parent)]
     assert data["readOnly"] is True and volumes[data["name"]]["persistentVolumeClaim"]["readOnly"] is True
 
 

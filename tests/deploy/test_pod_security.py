@@ -15,12 +15,28 @@ import pytest
 
 from tests.deploy.k8s import OVERLAYS, by_key, containers, pod_specs, render
 
-RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim",
-                      "projected", "secret"}
-SAFE_SYSCTLS = {"kernel.shm_rmid_forced", "net.ipv4.ip_local_port_range", "net.ipv4.ip_unprivileged_port_start",
-                "net.ipv4.tcp_syncookies", "net.ipv4.ping_group_range", "net.ipv4.ip_local_reserved_ports",
-                "net.ipv4.tcp_keepalive_time", "net.ipv4.tcp_fin_timeout", "net.ipv4.tcp_keepalive_intvl",
-                "net.ipv4.tcp_keepalive_probes"}
+RESTRICTED_VOLUMES = {
+    "configMap",
+    "csi",
+    "downwardAPI",
+    "emptyDir",
+    "ephemeral",
+    "persistentVolumeClaim",
+    "projected",
+    "secret",
+}
+SAFE_SYSCTLS = {
+    "kernel.shm_rmid_forced",
+    "net.ipv4.ip_local_port_range",
+    "net.ipv4.ip_unprivileged_port_start",
+    "net.ipv4.tcp_syncookies",
+    "net.ipv4.ping_group_range",
+    "net.ipv4.ip_local_reserved_ports",
+    "net.ipv4.tcp_keepalive_time",
+    "net.ipv4.tcp_fin_timeout",
+    "net.ipv4.tcp_keepalive_intvl",
+    "net.ipv4.tcp_keepalive_probes",
+}
 SELINUX_TYPES = {"", "container_t", "container_init_t", "container_kvm_t", "container_engine_t"}
 
 
@@ -30,8 +46,11 @@ def as_kuberay_makes_it(name: str, spec: dict) -> dict:
     spec = copy.deepcopy(spec)
     if name.startswith("RayJob/") and not name.endswith(("/head", "/submitter")):
         ray = spec["containers"][0]
-        wait = {"name": "wait-gcs-ready", "securityContext": copy.deepcopy(ray.get("securityContext")),
-                "resources": {"limits": {"cpu": "200m", "memory": "256Mi"}}}
+        wait = {
+            "name": "wait-gcs-ready",
+            "securityContext": copy.deepcopy(ray.get("securityContext")),
+            "resources": {"limits": {"cpu": "200m", "memory": "256Mi"}},
+        }
         spec["initContainers"] = [wait] + spec.get("initContainers", [])
     return spec
 
@@ -97,8 +116,11 @@ def memory_violations(spec: dict) -> list[str]:
         request = resources.get("requests", {}).get("memory")
         if request is not None and quantity(request) > quantity(limit):
             errors.append(f"container {c['name']}: memory request {request} > limit {limit}")
-    limits = [quantity(c["resources"]["limits"]["memory"]) for c in spec["containers"]
-              if (c.get("resources") or {}).get("limits", {}).get("memory")]
+    limits = [
+        quantity(c["resources"]["limits"]["memory"])
+        for c in spec["containers"]
+        if (c.get("resources") or {}).get("limits", {}).get("memory")
+    ]
     for volume in spec.get("volumes", []):
         empty = volume.get("emptyDir")
         if empty is not None and empty.get("medium") == "Memory":
@@ -141,8 +163,9 @@ def test_the_namespace_enforces_the_restricted_level(overlay):
     (namespace,) = [d for d in render(overlay) if d["kind"] == "Namespace"]
     labels = namespace["metadata"]["labels"]
     assert labels["pod-security.kubernetes.io/enforce"] == "restricted"
-    assert {d["metadata"].get("namespace") for d in render(overlay) if d["kind"] != "Namespace"} == \
-        {namespace["metadata"]["name"]}
+    assert {d["metadata"].get("namespace") for d in render(overlay) if d["kind"] != "Namespace"} == {
+        namespace["metadata"]["name"]
+    }
 
 
 def _worker(docs):
@@ -152,14 +175,18 @@ def _worker(docs):
 BREAKERS = {
     "escalation": lambda d: _worker(d)["containers"][0]["securityContext"].update(allowPrivilegeEscalation=True),
     "capabilities": lambda d: _worker(d)["containers"][0]["securityContext"].pop("capabilities"),
-    "seccomp": lambda d: d["Deployment/alexnet-api"]["spec"]["template"]["spec"]["securityContext"].pop("seccompProfile"),
+    "seccomp": lambda d: d["Deployment/alexnet-api"]["spec"]["template"]["spec"]["securityContext"].pop(
+        "seccompProfile"
+    ),
     "non-root": lambda d: d["Job/alexnet-shard"]["spec"]["template"]["spec"]["securityContext"].pop("runAsNonRoot"),
     "hostPath": lambda d: d["Job/alexnet-shard"]["spec"]["template"]["spec"]["volumes"].append(
-        {"name": "host", "hostPath": {"path": "/"}}),
+        {"name": "host", "hostPath": {"path": "/"}}
+    ),
     "hostNetwork": lambda d: d["Deployment/alexnet-api"]["spec"]["template"]["spec"].update(hostNetwork=True),
     "no submitter template": lambda d: d["RayJob/alexnet-train"]["spec"].pop("submitterPodTemplate"),
     "init container": lambda d: d["Deployment/alexnet-api"]["spec"]["template"]["spec"]["initContainers"][0].pop(
-        "securityContext"),
+        "securityContext"
+    ),
 }
 
 
@@ -174,7 +201,8 @@ def test_a_container_without_a_memory_limit_is_caught():
     docs = render("gpu")
     keyed = by_key(docs)
     keyed["RayJob/alexnet-train"]["spec"]["submitterPodTemplate"]["spec"]["containers"][0]["resources"]["limits"].pop(
-        "memory")
+        "memory"
+    )
     assert any(memory_violations(spec) for _, spec in pod_specs(docs))
     docs = render("gpu")
     _worker(by_key(docs))["volumes"][2]["emptyDir"]["sizeLimit"] = "1Ti"  # /dev/shm over the limit

@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("RayJob.spec.rayClusterSpec differs from RayCluster.spec: trim both")
     out = {
         "source": f"ray-project/kuberay {tag} ({commit}): ray-operator/config/crd/bases/ray.io_rayjobs.yaml, "
-                  "v1 openAPIV3Schema of spec; pod templates as $ref, unknown fields refused",
+        "v1 openAPIV3Schema of spec; pod templates as $ref, unknown fields refused",
         "kuberay": tag,
         "spec": trim(job["properties"]["spec"]),
     }
