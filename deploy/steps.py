@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -19,7 +20,35 @@ PY = sys.executable
 RAY = str(Path(sys.executable).parent / "ray")
 
 
+# Ray's workers take ports from 10002-19999 by default; the kernel hands out its ephemeral range
+# (/proc/sys/net/ipv4/ip_local_port_range, 32768-60999 by default) to every `bind(0)` and
+# outgoing connection. A port picked free and bound a moment later must come from neither.
+PICK_FROM = 20000
+
+
+def ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
+    """A port free on loopback now, for a server we start next. Picked at random outside the
+    kernel's ephemeral range: a port the kernel just gave us from that range it gives to the
+    next process that asks, and a Ray node binds its ports seconds after we pick them, while
+    other Rays and servers on the machine are binding theirs (a raylet that loses that race
+    dies). Falls back to the kernel's pick where that range leaves no room."""
+    high = ephemeral_low()
+    rng = random.SystemRandom()
+    for _ in range(64 if high - PICK_FROM > 1000 else 0):
+        port = rng.randrange(PICK_FROM, high)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
