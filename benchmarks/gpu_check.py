@@ -61,6 +61,7 @@ import numpy as np
 import torch
 
 from benchmarks.photos import resized
+from pipeline.cli import setup_logging
 from trainer.config import TrainConfig
 from trainer.estimate import SyntheticBatches, synchronize, time_train_steps
 from trainer.grouped_model import GroupedAlexNet
@@ -660,7 +661,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if unknown := set(a.only) - set(SECTIONS):
         p.error(f"--only: no section {', '.join(sorted(unknown))}; the sections are {', '.join(SECTIONS)}")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     sz = DRY if a.dry_run else Sizes()
     if not a.dry_run and not torch.cuda.is_available():
         p.error("no CUDA device here: run it on a GPU machine, or --dry-run for the CPU rehearsal")
