@@ -124,50 +124,68 @@ def assert_tensorboard_has_every_epoch(run: Path, rows: list[dict], steps_per_ep
         assert {(s - 1) // steps_per_epoch + 1 for s in at} == {1, 2, 3, 4, 5}, (tag, at)  # every epoch
 
 
+# Runs trainer.run's main() on each argv in turn, in one process (each `python -m trainer.run`
+# would pay the imports again: ~3 CPU-seconds), marking where each call's output ends.
+MAIN_EACH = """
+import json, sys
+from trainer.run import main
+for argv in json.loads(sys.argv[1]):
+    try:
+        rc = main(argv)
+    except SystemExit as exc:  # argparse: --help, a bad flag
+        rc = exc.code
+    for stream in (sys.stdout, sys.stderr):
+        print("%s%d" % (sys.argv[2], rc or 0), file=stream, flush=True)
+"""
+END = "=== main() returned "
+
+
 def test_setup_errors_are_clear(ray_cluster, shard_set, tmp_path):
+    """Each refusal: exit status 2 and its reason on stderr, the first through `python -m
+    trainer.run` itself, the rest through its main() one after another in one process."""
     data, _ = shard_set
-
-    def run(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [sys.executable, "-m", "trainer.run", "--storage-path", str(tmp_path), *args],
-            cwd=tmp_path,
-            env=ray_cluster.env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-
-    r = run("--data", str(tmp_path / "nope"))
+    r = subprocess.run(
+        [sys.executable, "-m", "trainer.run", "--storage-path", str(tmp_path), "--data", str(tmp_path / "nope")],
+        cwd=tmp_path,
+        env=ray_cluster.env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 2 and "does not exist" in r.stderr
-    r = run("--data", str(data), "--input-size", "299")
-    assert r.returncode == 2 and "does not fit" in r.stderr
-    r = run("--data", str(data), "--workers", "3")
-    assert r.returncode == 2 and "must split evenly over 3 worker(s)" in r.stderr
-    r = run("--data", str(data), "--workers", "512", "--batch-size", "512")
-    assert r.returncode == 2 and "more than the 297 train samples" in r.stderr
-    r = run("--data", str(data), "--resume", str(tmp_path / "nothing"))
-    assert r.returncode == 2 and "--resume" in r.stderr
-    r = run("--data", str(data), "--workers", "2", "--gpus-per-worker", "2", "--address", ray_cluster.gcs_address)
-    assert r.returncode == 2 and "requested, but the Ray cluster has 0" in r.stderr
     # A submission the cluster refuses changes nothing in the run folder: --fresh deletes
     # nothing, and an --allow-changes config is not recorded as if it had been trained.
     (tmp_path / "kept").mkdir()
     (tmp_path / "kept" / "config.json").write_text('{"lr": 0.5}')
-    for flag in ("--fresh", "--allow-changes"):
-        r = run(
-            "--data",
-            str(data),
-            "--name",
-            "kept",
-            "--workers",
-            "2",
-            "--gpus-per-worker",
-            "2",
-            flag,
-            "--address",
-            ray_cluster.gcs_address,
-        )
-        assert r.returncode == 2 and "requested, but the Ray cluster has 0" in r.stderr, r.stderr[-2000:]
-        assert (tmp_path / "kept" / "config.json").read_text() == '{"lr": 0.5}'
-    r = run("--help")
-    assert r.returncode == 0 and "--gpus-per-worker" in r.stdout
+    gcs = ["--address", ray_cluster.gcs_address]
+    kept = ["--name", "kept", "--workers", "2", "--gpus-per-worker", "2"]
+    cases = [
+        (["--data", str(data), "--input-size", "299"], 2, "does not fit"),
+        (["--data", str(data), "--workers", "3"], 2, "must split evenly over 3 worker(s)"),
+        (["--data", str(data), "--workers", "512", "--batch-size", "512"], 2, "more than the 297 train samples"),
+        (["--data", str(data), "--resume", str(tmp_path / "nothing")], 2, "--resume"),
+        (
+            ["--data", str(data), "--workers", "2", "--gpus-per-worker", "2", *gcs],
+            2,
+            "requested, but the Ray cluster has 0",
+        ),
+        (["--data", str(data), *kept, "--fresh", *gcs], 2, "requested, but the Ray cluster has 0"),
+        (["--data", str(data), *kept, "--allow-changes", *gcs], 2, "requested, but the Ray cluster has 0"),
+        (["--help"], 0, "--gpus-per-worker"),
+    ]
+    argvs = [["--storage-path", str(tmp_path), *argv] for argv, _, _ in cases]
+    r = subprocess.run(
+        [sys.executable, "-c", MAIN_EACH, json.dumps(argvs), END],
+        cwd=tmp_path,
+        env=ray_cluster.env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    outs, errs = (re.split(rf"^{re.escape(END)}(-?\d+)\n", text, flags=re.M) for text in (r.stdout, r.stderr))
+    assert len(errs) == 2 * len(cases) + 1, r.stderr[-3000:]
+    for i, (argv, rc, reason) in enumerate(cases):
+        out, err, got = outs[2 * i], errs[2 * i], int(errs[2 * i + 1])
+        assert got == rc and reason in (out if rc == 0 else err), (argv, got, err[-2000:])
+    assert (tmp_path / "kept" / "config.json").read_text() == '{"lr": 0.5}'
