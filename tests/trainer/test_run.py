@@ -1,12 +1,15 @@
 """Training with real Ray on the CPU on the sample shards: `python -m trainer.run` through `ray
-job submit`, stopped with `ray job stop` and resubmitted, on small inputs (67x67, the smallest
-the layer arithmetic allows) so that each epoch takes seconds, and the run's TensorBoard event
-files read back; setup errors. A killed worker, exact resume and the rest: test_resume.py."""
+job submit`, stopped with `ray job stop` and resubmitted, a worker of the resubmitted job
+killed and replaced, on small inputs (67x67, the smallest the layer arithmetic allows) so that
+each epoch takes seconds, and the run's TensorBoard event files read back; setup errors. Exact
+resume and the rest: test_resume.py."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -14,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.raycluster import VENV_BIN
 from tests.trainer.helpers import assert_progress_without_ray_spam
 from trainer.checkpoint import latest_checkpoint, read_meta
 
@@ -32,6 +36,11 @@ def metrics(run: Path) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines()] if path.is_file() else []
 
 
+def resumed_after(logs: str) -> list[int]:
+    """The epochs each "resuming from" line of a run's log names, in order."""
+    return [int(e) for e in re.findall(r"resuming from .* after epoch (\d+)", logs)]
+
+
 def wait_for(condition, timeout: float, what: str, proc: subprocess.Popen | None = None):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -44,31 +53,61 @@ def wait_for(condition, timeout: float, what: str, proc: subprocess.Popen | None
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def test_job_submit_stop_and_resubmit_resumes_to_the_same_epoch_count(ray_cluster, shard_set, tmp_path):
-    """ray start --head (the session fixture) + ray job submit + a job stop + resubmit."""
+@pytest.fixture(scope="module")
+def job(ray_cluster, shard_set, tmp_path_factory) -> dict:
+    """ray start --head (the session fixture) + ray job submit + a job stop + resubmit; while
+    the resubmitted job trains, its rank 1 is killed (SIGKILL) once it has saved an epoch of
+    its own: Ray Train replaces the worker and the run resumes from that checkpoint."""
     from ray.job_submission import JobSubmissionClient
 
     data, _ = shard_set
-    run = tmp_path / "runs" / "jobrun"
-    # Epochs of a few seconds: enough of them that the stop after the first lands mid-run.
-    entry = train_cmd(data, tmp_path / "runs", "jobrun", "--epochs", "5", "--print-freq", "5")
-    submit = ["job", "submit", "--address", ray_cluster.dashboard_url]
-    r = ray_cluster.ray(*submit, "--no-wait", "--", *entry)
+    storage = tmp_path_factory.mktemp("runs")
+    run = storage / "jobrun"
+    # Epochs of a few seconds: enough of them that the stop after the first lands mid-run,
+    # and the kill after the resubmission's first epoch lands before the last one ends.
+    entry = train_cmd(data, storage, "jobrun", "--epochs", "5", "--print-freq", "5")
+    submit = [str(VENV_BIN / "ray"), "job", "submit", "--address", ray_cluster.dashboard_url]
+    r = ray_cluster.ray(*submit[1:], "--no-wait", "--", *entry)
     job_id = re.search(r"raysubmit_\w+", r.stdout + r.stderr).group(0)
     jobs = JobSubmissionClient(ray_cluster.dashboard_url)  # what `ray job stop` calls, without its CLI's start-up:
     wait_for(lambda: len(metrics(run)) >= 1 and latest_checkpoint(run), 400, "the first epoch's checkpoint")
     assert jobs.stop_job(job_id)  # the stop lands within a second of the first checkpoint, mid-run
     wait_for(lambda: jobs.get_job_status(job_id).is_terminal(), 120, "the stopped job's exit")
     status = ray_cluster.ray("job", "status", "--address", ray_cluster.dashboard_url, job_id, check=False)
-    assert "stopped" in (status.stdout + status.stderr).lower()
     done_before = len(metrics(run))
-    assert done_before < 5
+    assert done_before <= 3, "the stop landed too late to leave epochs for the kill"
 
-    again = ray_cluster.ray(*submit, "--", *entry, check=False)  # blocking this time, same name + storage
-    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    logs = again.stdout + again.stderr
-    assert re.search(r"resuming from .* after epoch [1-4]", logs), logs[-3000:]
+    # Blocking this time, same name + storage; its logs are the submit command's output.
+    again = subprocess.Popen(
+        [*submit, "--", *entry], env=ray_cluster.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    saved = wait_for(
+        lambda: (c := latest_checkpoint(run)) and read_meta(c).epoch > done_before and c,
+        400,
+        "a checkpoint of the resubmitted job",
+        again,
+    )
+    victim = json.loads((run / ".workers" / "rank1.json").read_text())["pid"]
+    os.kill(victim, signal.SIGKILL)  # in the epoch after `saved`, before the run's last ends
+    logs = again.communicate(timeout=900)[0]
+    return {
+        "run": run,
+        "status": status.stdout + status.stderr,
+        "done_before": done_before,
+        "rc": again.returncode,
+        "logs": logs,
+        "saved": read_meta(saved).epoch,
+        "victim": victim,
+    }
+
+
+def test_job_submit_stop_and_resubmit_resumes_to_the_same_epoch_count(job):
+    assert "stopped" in job["status"].lower()
+    assert job["rc"] == 0, job["logs"][-3000:]
+    logs = job["logs"]
+    assert 1 <= resumed_after(logs)[0] <= job["done_before"], logs[-3000:]
     assert_progress_without_ray_spam(logs, epochs=5)
+    run = job["run"]
 
     rows = metrics(run)
     assert [r["epoch"] for r in rows] == [1, 2, 3, 4, 5]  # the same epoch count, each epoch once
@@ -92,6 +131,17 @@ def test_job_submit_stop_and_resubmit_resumes_to_the_same_epoch_count(ray_cluste
     png = run / "learning_curves.png"
     assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert_tensorboard_has_every_epoch(run, rows, steps_per_epoch=19)  # ceil((297 // 2) / 8)
+
+
+def test_a_killed_worker_is_replaced_and_training_resumes(job):
+    """The resubmitted job's rank 1, killed after the job saved an epoch of its own: a new
+    worker takes its place and the run resumes from that checkpoint, each epoch once."""
+    logs, run = job["logs"], job["run"]
+    assert job["rc"] == 0, logs[-3000:]
+    # the resubmission's resume, then the one after the kill, from the checkpoint it had saved
+    assert len(resumed_after(logs)) == 2 and resumed_after(logs)[1] >= job["saved"], logs[-3000:]
+    assert json.loads((run / ".workers" / "rank1.json").read_text())["pid"] != job["victim"]  # a new worker
+    assert [r["epoch"] for r in metrics(run)] == [1, 2, 3, 4, 5]
 
 
 def assert_tensorboard_has_every_epoch(run: Path, rows: list[dict], steps_per_epoch: int) -> None:
