@@ -69,3 +69,12 @@ def pytest_collection_modifyitems(config, items):
         needed = marker.args[0] if marker.args else 1
         if available < needed:
             item.add_marker(pytest.mark.skip(reason=f"needs {needed} CUDA device(s), found {available}"))
+
+
+def pytest_configure(config) -> None:
+    """An xdist worker runs its in-process torch on one thread: four workers share two cores,
+    and torch's OpenMP threads spin at each parallel region's barrier while a core is taken."""
+    if hasattr(config, "workerinput"):
+        import torch
+
+        torch.set_num_threads(1)
