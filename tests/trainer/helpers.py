@@ -1,9 +1,14 @@
-"""What the trainer's tests share: the truth read straight from the tars, and a locator for
-random crops (the input back-ends' tests; no DALI needed)."""
+"""What the trainer's tests share: the truth read straight from the tars, a locator for
+random crops (the input back-ends' tests; no DALI needed), and trainer.run's main() on several
+command lines in one process."""
 
 from __future__ import annotations
 
+import json
 import re
+import subprocess
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -50,3 +55,43 @@ def assert_progress_without_ray_spam(log: str, epochs: int) -> None:
         log,
     ), log[-3000:]
     assert "TrainingReport(" not in log and "Checkpoint successfully created" not in log
+
+
+# trainer.run's main() on each argv in turn, in one process, marking where each call's output
+# ends on stdout and stderr (a `python -m trainer.run` per argv would pay its imports again,
+# ~3 CPU-seconds each).
+MAIN_EACH = """
+import json, sys
+from trainer.run import main
+for argv in json.loads(sys.argv[1]):
+    try:
+        rc = main(argv)
+    except SystemExit as exc:  # argparse: --help, a bad flag
+        rc = exc.code
+    for stream in (sys.stdout, sys.stderr):
+        print("%s%d" % (sys.argv[2], rc or 0), file=stream, flush=True)
+"""
+END = "=== main() returned "
+
+
+@dataclass
+class Returned:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_main_each(argvs: list[list[str]], env: dict, cwd: Path, timeout: float = 600) -> list[Returned]:
+    """What `python -m trainer.run ARGV` returns and prints, for each ARGV, from one process."""
+    r = subprocess.run(
+        [sys.executable, "-c", MAIN_EACH, json.dumps(argvs), END],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    outs, errs = (re.split(rf"^{re.escape(END)}(-?\d+)\n", text, flags=re.M) for text in (r.stdout, r.stderr))
+    assert len(outs) == len(errs) == 2 * len(argvs) + 1, r.stderr[-3000:]
+    return [Returned(int(errs[2 * i + 1]), outs[2 * i], errs[2 * i]) for i in range(len(argvs))]

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 from dataclasses import replace
 
 import pytest
@@ -17,6 +16,7 @@ import pytest
 from pipeline.shardset import open_shard_set
 from tests.helpers import REPO
 from tests.raycluster import logical_gpu_cluster
+from tests.trainer.helpers import run_main_each
 from trainer.config import RuntimeConfig, TrainConfig
 from trainer.estimate import CpuRunRefused, cpu_gate
 from trainer.layout import LayoutError, Node, check_placement, resolve_layout
@@ -99,17 +99,16 @@ def test_a_full_size_run_on_the_cpu_is_refused_with_its_measured_time_unless_yes
     cpu_gate(gpu, samples, yes=False, full_size=samples)  # on GPUs: never
 
 
-def print_config(cluster, *args: str) -> dict:
-    r = subprocess.run(
-        [sys.executable, "-m", "trainer.run", "--print-config", "--address", cluster.gcs_address, *args],
-        cwd=REPO,
-        env=cluster.env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
-    return json.loads(r.stdout)["runtime"]
+def print_configs(cluster, *argvs: list[str], then: list[str] | None = None) -> list:
+    """`trainer.run --print-config ARGV` against the cluster, for each ARGV: the runtime
+    sections it prints; and `trainer.run THEN` (what it returns and prints) after them. One
+    process for them all (tests/trainer/helpers.py, run_main_each)."""
+    address = ["--address", cluster.gcs_address]
+    argvs_run = [["--print-config", *address, *argv] for argv in argvs] + ([[*address, *then]] if then else [])
+    returned = run_main_each(argvs_run, cluster.env, REPO, timeout=300)
+    for r in returned[: len(argvs)]:
+        assert r.returncode == 0, r.stderr[-3000:]
+    return [json.loads(r.stdout)["runtime"] for r in returned[: len(argvs)]] + returned[len(argvs) :]
 
 
 def resolved(runtime: dict) -> tuple:
@@ -119,14 +118,16 @@ def resolved(runtime: dict) -> tuple:
 @pytest.mark.slow
 def test_print_config_resolves_auto_to_two_workers_of_two_gpus_on_a_four_gpu_head(tmp_path):
     with logical_gpu_cluster(tmp_path / "ray", [4]) as cluster:
-        assert resolved(print_config(cluster)) == (2, 2, True, True)
-        assert resolved(print_config(cluster, "--no-amp", "--no-channels-last")) == (2, 2, False, False)
-        assert resolved(print_config(cluster, "--gpus-per-worker", "1")) == (4, 1, True, True)
+        auto, off, one = print_configs(cluster, [], ["--no-amp", "--no-channels-last"], ["--gpus-per-worker", "1"])
+    assert resolved(auto) == (2, 2, True, True)
+    assert resolved(off) == (2, 2, False, False)
+    assert resolved(one) == (4, 1, True, True)
 
 
 @pytest.mark.slow
 def test_print_config_resolves_cpu_on_a_cluster_without_gpus(ray_cluster):
-    assert resolved(print_config(ray_cluster)) == (1, 0, False, False)
+    (runtime,) = print_configs(ray_cluster, [])
+    assert resolved(runtime) == (1, 0, False, False)
 
 
 def can_unshare() -> bool:
@@ -159,35 +160,16 @@ def test_nodes_of_one_gpu_resolve_one_per_worker_and_a_node_blind_to_the_shards_
         "-c",
         f'mount -t tmpfs none "{data}" && exec "$0" "$@"',
     ]
+    storage = tmp_path / "runs"
+    # fmt: off
+    run = ["--data", str(data), "--storage-path", str(storage), "--preset", "sample", "--input-size", "67"]
+    # fmt: on
     with logical_gpu_cluster(tmp_path / "ray", [1, 1], wrap_node=wrap if blind else ()) as cluster:
-        assert resolved(print_config(cluster)) == (2, 1, True, True)
-        if not blind:
-            pytest.skip("no mount namespaces here (unshare): the blind-node half is not run")
-        storage = tmp_path / "runs"
-        r = subprocess.run(
-            # fmt: off
-            [
-                sys.executable,
-                "-m",
-                "trainer.run",
-                "--address",
-                cluster.gcs_address,
-                "--data",
-                str(data),
-                "--storage-path",
-                str(storage),
-                "--preset",
-                "sample",
-                "--input-size",
-                "67",
-            ],
-            # fmt: on
-            cwd=REPO,
-            env=cluster.env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
+        runtime, *ran = print_configs(cluster, [], then=run if blind else None)
+    assert resolved(runtime) == (2, 1, True, True)
+    if not blind:
+        pytest.skip("no mount namespaces here (unshare): the blind-node half is not run")
+    (r,) = ran
     assert r.returncode == 2, r.stderr[-3000:]
     assert "over 2 worker(s) x 1 GPU(s)" in r.stderr  # the resolved layout, logged at start
     assert f"cannot see the shard set {data}" in r.stderr and "ALEXNET_HOME" in r.stderr, r.stderr[-3000:]

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.raycluster import VENV_BIN
-from tests.trainer.helpers import assert_progress_without_ray_spam
+from tests.trainer.helpers import assert_progress_without_ray_spam, run_main_each
 from trainer.checkpoint import latest_checkpoint, read_meta
 
 pytestmark = pytest.mark.slow
@@ -174,22 +174,6 @@ def assert_tensorboard_has_every_epoch(run: Path, rows: list[dict], steps_per_ep
         assert {(s - 1) // steps_per_epoch + 1 for s in at} == {1, 2, 3, 4, 5}, (tag, at)  # every epoch
 
 
-# Runs trainer.run's main() on each argv in turn, in one process (each `python -m trainer.run`
-# would pay the imports again: ~3 CPU-seconds), marking where each call's output ends.
-MAIN_EACH = """
-import json, sys
-from trainer.run import main
-for argv in json.loads(sys.argv[1]):
-    try:
-        rc = main(argv)
-    except SystemExit as exc:  # argparse: --help, a bad flag
-        rc = exc.code
-    for stream in (sys.stdout, sys.stderr):
-        print("%s%d" % (sys.argv[2], rc or 0), file=stream, flush=True)
-"""
-END = "=== main() returned "
-
-
 def test_setup_errors_are_clear(ray_cluster, shard_set, tmp_path):
     """Each refusal: exit status 2 and its reason on stderr, the first through `python -m
     trainer.run` itself, the rest through its main() one after another in one process."""
@@ -223,19 +207,13 @@ def test_setup_errors_are_clear(ray_cluster, shard_set, tmp_path):
         (["--data", str(data), *kept, "--allow-changes", *gcs], 2, "requested, but the Ray cluster has 0"),
         (["--help"], 0, "--gpus-per-worker"),
     ]
-    argvs = [["--storage-path", str(tmp_path), *argv] for argv, _, _ in cases]
-    r = subprocess.run(
-        [sys.executable, "-c", MAIN_EACH, json.dumps(argvs), END],
-        cwd=tmp_path,
-        env=ray_cluster.env,
-        capture_output=True,
-        text=True,
-        timeout=600,
+    returned = run_main_each(
+        [["--storage-path", str(tmp_path), *argv] for argv, _, _ in cases], ray_cluster.env, tmp_path
     )
-    assert r.returncode == 0, r.stderr[-3000:]
-    outs, errs = (re.split(rf"^{re.escape(END)}(-?\d+)\n", text, flags=re.M) for text in (r.stdout, r.stderr))
-    assert len(errs) == 2 * len(cases) + 1, r.stderr[-3000:]
-    for i, (argv, rc, reason) in enumerate(cases):
-        out, err, got = outs[2 * i], errs[2 * i], int(errs[2 * i + 1])
-        assert got == rc and reason in (out if rc == 0 else err), (argv, got, err[-2000:])
+    for (argv, rc, reason), r in zip(cases, returned):
+        assert r.returncode == rc and reason in (r.stdout if rc == 0 else r.stderr), (
+            argv,
+            r.returncode,
+            r.stderr[-2000:],
+        )
     assert (tmp_path / "kept" / "config.json").read_text() == '{"lr": 0.5}'
