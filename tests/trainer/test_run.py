@@ -81,15 +81,19 @@ def job(ray_cluster, shard_set, tmp_path_factory) -> dict:
     again = subprocess.Popen(
         [*submit, "--", *entry], env=ray_cluster.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
-    saved = wait_for(
-        lambda: (c := latest_checkpoint(run)) and read_meta(c).epoch > done_before and c,
-        400,
-        "a checkpoint of the resubmitted job",
-        again,
-    )
-    victim = json.loads((run / ".workers" / "rank1.json").read_text())["pid"]
-    os.kill(victim, signal.SIGKILL)  # in the epoch after `saved`, before the run's last ends
-    logs = again.communicate(timeout=900)[0]
+    try:
+        saved = wait_for(
+            lambda: (c := latest_checkpoint(run)) and read_meta(c).epoch > done_before and c,
+            400,
+            "a checkpoint of the resubmitted job",
+            again,
+        )
+        victim = json.loads((run / ".workers" / "rank1.json").read_text())["pid"]
+        os.kill(victim, signal.SIGKILL)  # in the epoch after `saved`, before the run's last ends
+        logs = again.communicate(timeout=900)[0]
+    finally:
+        if again.poll() is None:  # a failure above: no submit command left behind
+            again.kill()
     return {
         "run": run,
         "status": status.stdout + status.stderr,
