@@ -30,27 +30,34 @@ def installed(module: str) -> bool:
         return False
 
 
-def link_torch(venv: Path) -> None:
-    """Put this interpreter's torch, and what torch requires, on the venv's path (symlinks in a
-    folder of their own, named by a .pth file): pip then finds torch installed, as after `pip
-    install torch`, without unpacking its ~700 MB again; nothing else of this environment (Ray,
-    pyarrow, DALI, matplotlib) comes along."""
+def link_torch(venv: Path, folder: Path) -> None:
+    """Put this interpreter's torch, and what torch requires, on the venv's path: symlinks in
+    FOLDER (outside the venv, so that pip never changes what they point at), named by a .pth
+    file. pip then finds torch installed, as after `pip install torch`, without unpacking its
+    ~700 MB again; nothing else of this environment (Ray, pyarrow, DALI, matplotlib) comes
+    along. A namespace folder that packages share (CUDA torch's nvidia/..., beside DALI's
+    nvidia/dali) is made here, and only the packages' own folders in it are linked."""
     from importlib import metadata
 
     from packaging.requirements import Requirement
 
-    folder = venv / "torch-site"
     folder.mkdir()
     todo, seen = ["torch"], set()
     while todo:
-        name = todo.pop()
-        dist = metadata.distribution(name)
+        dist = metadata.distribution(todo.pop())
         if dist.metadata["Name"].lower() in seen:
             continue
         seen.add(dist.metadata["Name"].lower())
-        for top in {f.parts[0] for f in dist.files or [] if f.parts[0] != ".."}:
-            if not (folder / top).exists():
-                (folder / top).symlink_to(dist.locate_file(top))
+        for file in dist.files or []:
+            if file.parts[0] == "..":  # scripts, outside site-packages
+                continue
+            top = Path(dist.locate_file(file.parts[0]))
+            shared = top.is_dir() and not (top / "__init__.py").exists()  # a namespace, or dist-info
+            parts = file.parts[:2] if shared else file.parts[:1]
+            link = folder.joinpath(*parts)
+            if not link.exists():
+                link.parent.mkdir(parents=True, exist_ok=True)
+                link.symlink_to(dist.locate_file("/".join(parts)))
         for spec in dist.requires or []:
             req = Requirement(spec)
             if req.marker is None or req.marker.evaluate({"extra": ""}):
@@ -64,7 +71,7 @@ def serving_only_python(tmp: Path) -> str:
         return sys.executable
     venv = tmp / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    link_torch(venv)
+    link_torch(venv, tmp / "torch-site")
     py = str(venv / "bin" / "python")
     pip = [py, "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
     subprocess.run([*pip, f"{REPO}[serving]"], check=True, timeout=900)
