@@ -8,7 +8,6 @@ import json
 import re
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -75,14 +74,9 @@ for argv in json.loads(sys.argv[1]):
 END = "=== main() returned "
 
 
-@dataclass
-class Returned:
-    returncode: int
-    stdout: str
-    stderr: str
-
-
-def run_main_each(argvs: list[list[str]], env: dict, cwd: Path, timeout: float = 600) -> list[Returned]:
+def run_main_each(
+    argvs: list[list[str]], env: dict, cwd: Path, timeout: float = 600
+) -> list[subprocess.CompletedProcess]:
     """What `python -m trainer.run ARGV` returns and prints, for each ARGV, from one process."""
     r = subprocess.run(
         [sys.executable, "-c", MAIN_EACH, json.dumps(argvs), END],
@@ -95,4 +89,7 @@ def run_main_each(argvs: list[list[str]], env: dict, cwd: Path, timeout: float =
     assert r.returncode == 0, r.stderr[-3000:]
     outs, errs = (re.split(rf"^{re.escape(END)}(-?\d+)\n", text, flags=re.M) for text in (r.stdout, r.stderr))
     assert len(outs) == len(errs) == 2 * len(argvs) + 1, r.stderr[-3000:]
-    return [Returned(int(errs[2 * i + 1]), outs[2 * i], errs[2 * i]) for i in range(len(argvs))]
+    return [
+        subprocess.CompletedProcess(argv, int(errs[2 * i + 1]), outs[2 * i], errs[2 * i])
+        for i, argv in enumerate(argvs)
+    ]

@@ -99,16 +99,15 @@ def test_a_full_size_run_on_the_cpu_is_refused_with_its_measured_time_unless_yes
     cpu_gate(gpu, samples, yes=False, full_size=samples)  # on GPUs: never
 
 
-def print_configs(cluster, *argvs: list[str], then: list[str] | None = None) -> list:
-    """`trainer.run --print-config ARGV` against the cluster, for each ARGV: the runtime
-    sections it prints; and `trainer.run THEN` (what it returns and prints) after them. One
-    process for them all (tests/trainer/helpers.py, run_main_each)."""
-    address = ["--address", cluster.gcs_address]
-    argvs_run = [["--print-config", *address, *argv] for argv in argvs] + ([[*address, *then]] if then else [])
-    returned = run_main_each(argvs_run, cluster.env, REPO, timeout=300)
-    for r in returned[: len(argvs)]:
+def print_configs(cluster, *argvs: list[str]) -> list[dict]:
+    """`trainer.run --print-config ARGV` against the cluster, for each ARGV: the runtime section
+    it prints (one process for them all: tests/trainer/helpers.py, run_main_each)."""
+    returned = run_main_each(
+        [["--print-config", "--address", cluster.gcs_address, *argv] for argv in argvs], cluster.env, REPO, 300
+    )
+    for r in returned:
         assert r.returncode == 0, r.stderr[-3000:]
-    return [json.loads(r.stdout)["runtime"] for r in returned[: len(argvs)]] + returned[len(argvs) :]
+    return [json.loads(r.stdout)["runtime"] for r in returned]
 
 
 def resolved(runtime: dict) -> tuple:
@@ -165,8 +164,11 @@ def test_nodes_of_one_gpu_resolve_one_per_worker_and_a_node_blind_to_the_shards_
     run = ["--data", str(data), "--storage-path", str(storage), "--preset", "sample", "--input-size", "67"]
     # fmt: on
     with logical_gpu_cluster(tmp_path / "ray", [1, 1], wrap_node=wrap if blind else ()) as cluster:
-        runtime, *ran = print_configs(cluster, [], then=run if blind else None)
-    assert resolved(runtime) == (2, 1, True, True)
+        address = ["--address", cluster.gcs_address]
+        argvs = [["--print-config", *address], *([[*address, *run]] if blind else [])]
+        printed, *ran = run_main_each(argvs, cluster.env, REPO, 300)  # one process: the config, then the run
+    assert printed.returncode == 0, printed.stderr[-3000:]
+    assert resolved(json.loads(printed.stdout)["runtime"]) == (2, 1, True, True)
     if not blind:
         pytest.skip("no mount namespaces here (unshare): the blind-node half is not run")
     (r,) = ran
