@@ -48,12 +48,17 @@ def link_torch(venv: Path, folder: Path) -> None:
         if dist.metadata["Name"].lower() in seen:
             continue
         seen.add(dist.metadata["Name"].lower())
+        shared: dict[str, bool] = {}  # per top-level name: a namespace (or dist-info) folder?
+        heads = set()  # what to link: a top-level name, or a name inside a shared folder
         for file in dist.files or []:
-            if file.parts[0] == "..":  # scripts, outside site-packages
+            name = file.parts[0]
+            if name == "..":  # scripts, outside site-packages
                 continue
-            top = Path(dist.locate_file(file.parts[0]))
-            shared = top.is_dir() and not (top / "__init__.py").exists()  # a namespace, or dist-info
-            parts = file.parts[:2] if shared else file.parts[:1]
+            if name not in shared:  # once per name, not per file (torch lists ~15,000)
+                top = Path(dist.locate_file(name))
+                shared[name] = top.is_dir() and not (top / "__init__.py").exists()
+            heads.add(file.parts[:2] if shared[name] else file.parts[:1])
+        for parts in heads:
             link = folder.joinpath(*parts)
             if not link.exists():
                 link.parent.mkdir(parents=True, exist_ok=True)
