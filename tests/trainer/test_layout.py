@@ -105,9 +105,13 @@ def print_configs(cluster, *argvs: list[str]) -> list[dict]:
     returned = run_main_each(
         [["--print-config", "--address", cluster.gcs_address, *argv] for argv in argvs], cluster.env, REPO, 300
     )
-    for r in returned:
-        assert r.returncode == 0, r.stderr[-3000:]
-    return [json.loads(r.stdout)["runtime"] for r in returned]
+    return [printed_runtime(r) for r in returned]
+
+
+def printed_runtime(r) -> dict:
+    """The runtime section a successful `trainer.run --print-config` printed."""
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout)["runtime"]
 
 
 def resolved(runtime: dict) -> tuple:
@@ -167,8 +171,7 @@ def test_nodes_of_one_gpu_resolve_one_per_worker_and_a_node_blind_to_the_shards_
         address = ["--address", cluster.gcs_address]
         argvs = [["--print-config", *address], *([[*address, *run]] if blind else [])]
         printed, *ran = run_main_each(argvs, cluster.env, REPO, 300)  # one process: the config, then the run
-    assert printed.returncode == 0, printed.stderr[-3000:]
-    assert resolved(json.loads(printed.stdout)["runtime"]) == (2, 1, True, True)
+    assert resolved(printed_runtime(printed)) == (2, 1, True, True)
     if not blind:
         pytest.skip("no mount namespaces here (unshare): the blind-node half is not run")
     (r,) = ran
