@@ -4,6 +4,7 @@ every artefact it leaves."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -54,6 +55,41 @@ def test_demo_runs_end_to_end(tmp_path):
         assert e["checkpoint"]["epoch"] == 2 and len(e["predictions"]) == 5
         assert f"curl -F file=@{e['image']} http://127.0.0.1:" in r.stderr  # (outside the cwd: absolute)
     assert "Ray head up" in r.stderr and "stopping Ray" in r.stderr
-    console = (r.stdout + r.stderr).split("\n")  # a progress bar's \r updates share one line
+    # a progress bar's \r updates share one line
+    console = without_ray_overload_warnings((r.stdout + r.stderr).split("\n"))
     assert len(console) <= 100, "\n".join(line.rsplit("\r", 1)[-1] for line in console)  # two screens
     assert "TrainingReport(" not in r.stderr and "Checkpoint successfully created" not in r.stderr
+
+
+# Ray Train's controller logs a warning with its traceback (~20 lines) when its call to Ray's
+# autoscaling coordinator times out after 5 s, which a starting actor process can take on 2
+# loaded cores; the warning itself says it is "safe to ignore" then, and the run goes on. Not
+# the demo's own output: left out of its two screens.
+RAY_OVERLOAD_WARNING = re.compile(r"\(TrainController pid=\d+\)\S* Failed to (send|cancel) resource request")
+TRACEBACK_LINE = re.compile(r"\(TrainController pid=\d+\)\S* (Traceback|\s|[\w.]+(Error|Exception)\b)")
+
+
+def without_ray_overload_warnings(lines: list[str]) -> list[str]:
+    kept, in_warning = [], False
+    for line in lines:
+        in_warning = bool(RAY_OVERLOAD_WARNING.search(line)) or (in_warning and bool(TRACEBACK_LINE.search(line)))
+        if not in_warning:
+            kept.append(line)
+    return kept
+
+
+def test_only_rays_overload_warning_is_left_out_of_the_count():
+    pid = "\x1b[36m(TrainController pid=32052)\x1b[0m"
+    lines = [
+        "INFO trainer.run: recipe sample: 2 epoch(s)",
+        f"{pid} Requesting resources: {{'CPU': 1}} * 2",
+        f"{pid} Failed to send resource request for train-38ad. If this only happens transiently ...",
+        f"{pid} Traceback (most recent call last):",
+        f'{pid}   File "ray/_private/worker.py", line 3009, in get',
+        f"{pid}     values, debugger_breakpoint = worker.get_objects(",
+        f"{pid}                                   ^^^^^^^^^^^^^^^^^^^",
+        f"{pid} ray.exceptions.GetTimeoutError: Get timed out: some object(s) not ready.",
+        f"{pid} Attempting to start training worker group of size 2",
+        f"{pid} Traceback (most recent call last):",  # any other traceback counts
+    ]
+    assert without_ray_overload_warnings(lines) == [lines[0], lines[1], lines[8], lines[9]]
